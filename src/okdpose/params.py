@@ -1,0 +1,416 @@
+"""Typed, validated view of `params.yaml`.
+
+One frozen dataclass per section; `load_params()` builds them once and every stage passes the
+pieces it needs to library functions as plain arguments. Unknown keys, wrong types and
+impossible combinations are refused with a message naming the key and the fix.
+
+Sizes are (w, h) as in the params file; KD couples are 1-based `(student, teacher)` stages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from okdpose.joints import JOINT_SPECS, JointSpec, get_joint_spec
+
+MAX_STAGES = 4
+
+
+class ParamsError(ValueError):
+    """A params.yaml value that cannot work; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- sections
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The built-in BabyPose-like generator (data.source: synthetic)."""
+
+    seed: int = 0
+    subjects: tuple[int, int, int] = (8, 2, 2)     # train / val / test subjects (split by subject)
+    frames_per_subject: int = 60
+    occluder_prob: float = 0.6                      # chance of a blanket / hand / cables per frame
+    noise_mm: float = 4.0                           # depth noise std (mm)
+
+    def validate(self, where: str) -> None:
+        if len(self.subjects) != 3 or min(self.subjects) < 1:
+            raise ParamsError(f"{where}.subjects must be three positive counts [train, val, test], got {list(self.subjects)}")
+        if self.frames_per_subject < 1:
+            raise ParamsError(f"{where}.frames_per_subject must be >= 1, got {self.frames_per_subject}")
+        _check_prob(self.occluder_prob, f"{where}.occluder_prob")
+        if self.noise_mm < 0:
+            raise ParamsError(f"{where}.noise_mm must be >= 0, got {self.noise_mm}")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training augmentation; all off reproduces the original paper."""
+
+    flip: bool = False
+    rotation: float = 0.0        # max degrees (+/-), applied with probability 0.6 as the original
+    scale: float = 0.0           # scale factor range: scale * (1 +/- scale)
+    half_body_prob: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.rotation <= 180:
+            raise ParamsError(f"{where}.rotation must be in [0, 180] degrees, got {self.rotation}")
+        if not 0 <= self.scale < 1:
+            raise ParamsError(f"{where}.scale must be in [0, 1), got {self.scale}")
+        _check_prob(self.half_body_prob, f"{where}.half_body_prob")
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.rotation > 0 or self.scale > 0 or self.half_body_prob > 0
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "local", "archive", "url"] = "synthetic"
+    name: str = "babypose"                 # download writes data/raw/<name>/
+    path: Optional[str] = None             # local folder (source: local) or archive file (source: archive)
+    url: Optional[str] = None              # source: url
+    sha256: Optional[str] = None           # required with source: url (and checked for archive when set)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    joints: str = "babypose12"
+    image_size: tuple[int, int] = (96, 128)     # model input (w, h)
+    heatmap_size: tuple[int, int] = (24, 32)    # (w, h); image_size / 4 for HRNet
+    sigma: float = 1.0                           # Gaussian target std in heatmap pixels
+    depth_range: tuple[float, float] = (400.0, 1200.0)  # mm mapped to 0..255 for 16-bit frames
+    skip_invalid: bool = False
+    augment: AugmentParams = field(default_factory=AugmentParams)
+
+    def validate(self, where: str) -> None:
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name:
+            raise ParamsError(f"{where}.name must be a plain folder name, got {self.name!r}")
+        if self.source in ("local", "archive") and not self.path:
+            raise ParamsError(f"{where}.source is {self.source!r}: set {where}.path to the {'folder' if self.source == 'local' else 'archive file'}")
+        if self.source == "url":
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ParamsError(f"{where}.source is 'url': set {where}.url to an http(s) address, got {self.url!r}")
+            if not self.sha256:
+                raise ParamsError(f"{where}.source is 'url': {where}.sha256 is required (the archive's sha256 hex digest)")
+        if self.sha256 is not None:
+            s = self.sha256.lower()
+            if len(s) != 64 or any(c not in "0123456789abcdef" for c in s):
+                raise ParamsError(f"{where}.sha256 must be 64 hex digits, got {self.sha256!r}")
+        if self.joints not in JOINT_SPECS:
+            raise ParamsError(f"{where}.joints is {self.joints!r}; choose one of {sorted(JOINT_SPECS)}")
+        for key, (w, h) in (("image_size", self.image_size), ("heatmap_size", self.heatmap_size)):
+            if w < 8 or h < 8:
+                raise ParamsError(f"{where}.{key} must be at least [8, 8] (w, h), got {[w, h]}")
+        iw, ih = self.image_size
+        hw, hh = self.heatmap_size
+        if iw * hh != ih * hw:
+            raise ParamsError(f"{where}.heatmap_size {[hw, hh]} must have the aspect ratio of image_size {[iw, ih]}")
+        if iw % 4 or ih % 4 or (iw // 4, ih // 4) != (hw, hh):
+            raise ParamsError(f"{where}.heatmap_size must be image_size / 4 for HRNet (image {[iw, ih]} -> {[iw // 4, ih // 4]}), got {[hw, hh]}")
+        if self.sigma <= 0:
+            raise ParamsError(f"{where}.sigma must be > 0, got {self.sigma}")
+        lo, hi = self.depth_range
+        if not 0 <= lo < hi:
+            raise ParamsError(f"{where}.depth_range must be [near, far] mm with 0 <= near < far, got {[lo, hi]}")
+        self.synthetic.validate(f"{where}.synthetic")
+        self.augment.validate(f"{where}.augment")
+
+    @property
+    def joint_spec(self) -> JointSpec:
+        return get_joint_spec(self.joints)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    width: int = 8                   # HRNet branch-0 width: 18/32/48 official, smaller for CPU
+    n_stage: int = 4                 # 1..4: the model is truncated after this stage
+    multi: bool = True               # a heatmap head after every stage (False: last only)
+    pretrained: Optional[str] = None  # official pose_hrnet_*.pth or one of our checkpoints
+
+    def validate(self, where: str) -> None:
+        if self.width < 2:
+            raise ParamsError(f"{where}.width must be >= 2 (official: 18, 32, 48), got {self.width}")
+        if not 1 <= self.n_stage <= MAX_STAGES:
+            raise ParamsError(f"{where}.n_stage must be 1..{MAX_STAGES}, got {self.n_stage}")
+
+
+@dataclass(frozen=True)
+class LossParams:
+    use_mse: bool = True               # deep supervision: MSE to ground truth for students in couples
+    use_kld: bool = True
+    kld_couples: tuple[tuple[int, int], ...] = ((3, 4),)   # 1-based (student, teacher)
+    kld_weight: float = 1.0            # ours; original KLD_WEIGHT w -> w * J / (H * W)
+    teacher_weight: float = 1.0
+    temperature: float = 1.0
+    detach_teacher: bool = False       # False reproduces the original (gradients reach the teacher)
+    use_target_weight: bool = False
+    rampup_epochs: float = 0.0         # sigmoid consistency ramp-up of the KL weight (original TRAIN.LENGTH)
+
+    def validate(self, where: str) -> None:
+        for key in ("kld_weight", "teacher_weight", "rampup_epochs"):
+            if getattr(self, key) < 0:
+                raise ParamsError(f"{where}.{key} must be >= 0, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ParamsError(f"{where}.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (9, 11)
+    lr_factor: float = 0.33
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    workers: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    patience: int = 0                  # early stop after this many epochs without improvement (0: off)
+    amp: bool = True                   # CUDA only; ignored on CPU (bf16 there is slower)
+    grad_clip: Optional[float] = None  # max gradient norm
+
+    def validate(self, where: str) -> None:
+        if self.epochs < 1:
+            raise ParamsError(f"{where}.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ParamsError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ParamsError(f"{where}.lr must be > 0, got {self.lr}")
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s < 1 for s in self.lr_steps):
+            raise ParamsError(f"{where}.lr_steps must be increasing positive epochs, got {list(self.lr_steps)}")
+        if not 0 < self.lr_factor <= 1:
+            raise ParamsError(f"{where}.lr_factor must be in (0, 1], got {self.lr_factor}")
+        if self.workers < 0 or self.patience < 0:
+            raise ParamsError(f"{where}.workers and {where}.patience must be >= 0")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ParamsError(f"{where}.grad_clip must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: Literal["val", "test"] = "test"
+    flip_test: bool = False
+    use_gt_bbox: bool = True
+    batch_size: int = 32
+    pck_thresholds: tuple[float, ...] = (0.1, 0.2)   # fractions of the box size (standard PCK)
+    oks_nms: bool = True          # with detection boxes: rescoring + OKS-NMS as the original
+    oks_thre: float = 0.9
+    in_vis_thre: float = 0.2
+    image_thre: float = 0.0
+    num_images: int = 4           # test images drawn with predicted vs ground-truth skeletons
+
+    def validate(self, where: str) -> None:
+        if self.batch_size < 1:
+            raise ParamsError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if not self.pck_thresholds or any(not 0 < t <= 1 for t in self.pck_thresholds):
+            raise ParamsError(f"{where}.pck_thresholds must be fractions in (0, 1], got {list(self.pck_thresholds)}")
+        for key in ("oks_thre", "in_vis_thre"):
+            _check_prob(getattr(self, key), f"{where}.{key}")
+        if self.num_images < 0:
+            raise ParamsError(f"{where}.num_images must be >= 0, got {self.num_images}")
+
+
+@dataclass(frozen=True)
+class ExplainParams:
+    split: Literal["val", "test"] = "test"
+    num_images: int = 4
+    stages: Optional[tuple[int, ...]] = None    # 1-based; null = every stage output
+    heads: bool = True                          # also explain each head's output
+    layers: tuple[str, ...] = ()                # extra target layers by dotted module name
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        if self.num_images < 1:
+            raise ParamsError(f"{where}.num_images must be >= 1, got {self.num_images}")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    enabled: bool = True
+    experiment: str = "okdpose"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: LossParams = field(default_factory=LossParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    explain: ExplainParams = field(default_factory=ExplainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def validate(self) -> "Params":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        self._validate_couples()
+        if self.explain.stages is not None:
+            for s in self.explain.stages:
+                if not 1 <= s <= self.model.n_stage:
+                    raise ParamsError(f"explain.stages: stage {s} is not an output of a {self.model.n_stage}-stage model (1..{self.model.n_stage})")
+        return self
+
+    def _validate_couples(self) -> None:
+        loss, n = self.loss, self.model.n_stage
+        if not loss.use_kld:
+            return
+        if not loss.kld_couples:
+            raise ParamsError("loss.use_kld is true but loss.kld_couples is empty: list [student, teacher] stages or set use_kld: false")
+        if not self.model.multi:
+            raise ParamsError("loss.use_kld needs model.multi: true (a single-output model has no student heads); set one of them")
+        seen = set()
+        for i, couple in enumerate(loss.kld_couples):
+            where = f"loss.kld_couples[{i}] = {list(couple)}"
+            s, t = couple
+            if not (1 <= s <= n and 1 <= t <= n):
+                raise ParamsError(f"{where}: stages must be 1..model.n_stage ({n})")
+            if t <= s:
+                raise ParamsError(f"{where}: the teacher stage ({t}) must come after the student stage ({s}); write [student, teacher]")
+            if (s, t) in seen:
+                raise ParamsError(f"{where}: duplicate couple")
+            seen.add((s, t))
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def joint_spec(self) -> JointSpec:
+        return self.data.joint_spec
+
+    def kd_stages(self) -> tuple[int, ...]:
+        """1-based stages whose val AP selects the best model: the stages in KD couples, or the last output."""
+        if self.loss.use_kld and self.model.multi:
+            return tuple(sorted({s for c in self.loss.kld_couples for s in c}))
+        return (self.model.n_stage,)
+
+    def output_stages(self) -> tuple[int, ...]:
+        """1-based stage of each model output, in forward order."""
+        return tuple(range(1, self.model.n_stage + 1)) if self.model.multi else (self.model.n_stage,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (`loss.kld_weight`) -> scalar or list values, e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = obj
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read, type-check and validate params.yaml. `overrides` maps dotted keys to values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found (run from the repository root)") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return params_from_dict(raw)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    return _build(Params, raw, "").validate()
+
+
+def _set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where or 'params'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(
+            f"unknown key(s) {', '.join(_join(where, u) for u in unknown)}; valid keys here: {sorted(names)}"
+        )
+    kwargs = {name: _convert(hints[name], raw[name], _join(where, name)) for name in raw}
+    return cls(**kwargs)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{where} is {value!r}; choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ParamsError(f"{where} must have {len(args)} items, got {list(value)}")
+        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"params.py: unsupported field type {tp!r} at {where}")  # programming error
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _check_prob(value: float, where: str) -> None:
+    if not 0 <= value <= 1:
+        raise ParamsError(f"{where} must be a probability in [0, 1], got {value}")
