@@ -35,17 +35,27 @@ class SyntheticParams:
     seed: int = 0
     subjects: tuple[int, int, int] = (8, 2, 2)     # train / val / test subjects (split by subject)
     frames_per_subject: int = 60
-    occluder_prob: float = 0.6                      # chance of a blanket / hand / cables per frame
-    noise_mm: float = 4.0                           # depth noise std (mm)
+    occluder_prob: float = 0.6                      # scales the chance of a blanket / cables / caregiver hand per frame
+    noise_mm: float = 4.0                           # depth noise std (mm) at 800 mm, growing with distance^2
+    camera_height: tuple[float, float] = (550.0, 900.0)   # mm above the mattress, drawn per subject
+    out_of_frame_prob: float = 0.15                 # frames whose camera shift pushes joints out of the frame (v = 0)
+    box_jitter: float = 0.06                        # detection boxes: relative std of centre / size noise
+    false_positive_prob: float = 0.05               # detection boxes: chance of an extra low-score box per frame
 
     def validate(self, where: str) -> None:
         if len(self.subjects) != 3 or min(self.subjects) < 1:
             raise ParamsError(f"{where}.subjects must be three positive counts [train, val, test], got {list(self.subjects)}")
-        if self.frames_per_subject < 1:
-            raise ParamsError(f"{where}.frames_per_subject must be >= 1, got {self.frames_per_subject}")
-        _check_prob(self.occluder_prob, f"{where}.occluder_prob")
+        if not 1 <= self.frames_per_subject <= 9999:
+            raise ParamsError(f"{where}.frames_per_subject must be in 1..9999 (image ids are subject * 10000 + frame), got {self.frames_per_subject}")
+        for key in ("occluder_prob", "out_of_frame_prob", "false_positive_prob"):
+            _check_prob(getattr(self, key), f"{where}.{key}")
         if self.noise_mm < 0:
             raise ParamsError(f"{where}.noise_mm must be >= 0, got {self.noise_mm}")
+        lo, hi = self.camera_height
+        if not 300 <= lo <= hi <= 1500:
+            raise ParamsError(f"{where}.camera_height must be [low, high] mm with 300 <= low <= high <= 1500, got {[lo, hi]}")
+        if not 0 <= self.box_jitter < 0.5:
+            raise ParamsError(f"{where}.box_jitter must be in [0, 0.5), got {self.box_jitter}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,8 @@ class DataParams:
                 raise ParamsError(f"{where}.sha256 must be 64 hex digits, got {self.sha256!r}")
         if self.joints not in JOINT_SPECS:
             raise ParamsError(f"{where}.joints is {self.joints!r}; choose one of {sorted(JOINT_SPECS)}")
+        if self.source == "synthetic" and self.joints != "babypose12":
+            raise ParamsError(f"{where}.source synthetic writes BabyPose-12 joints: set {where}.joints: babypose12")
         for key, (w, h) in (("image_size", self.image_size), ("heatmap_size", self.heatmap_size)):
             if w < 8 or h < 8:
                 raise ParamsError(f"{where}.{key} must be at least [8, 8] (w, h), got {[w, h]}")

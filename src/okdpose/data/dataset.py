@@ -1,0 +1,123 @@
+"""`PoseDataset`: prepared records -> (image, target heatmaps, target weights, meta) samples.
+
+Legend: J joints, (h, w) = image_size[::-1], (hh, hw) = heatmap_size[::-1].
+
+    image          float32 (3, h, w), ImageNet mean/std normalised (RGB; depth replicated)
+    target         float32 (J, hh, hw) Gaussian heatmaps (okdpose.codec.encode_heatmaps)
+    target_weight  float32 (J,) 1 for labelled joints whose Gaussian lands on the map
+    meta           image_id int, index int, center (2,) and scale (2,) float32 of the crop
+                   actually taken (what decode_heatmaps needs), score, area, rotation float,
+                   flipped bool, joints (J, 3) float32 ground truth in frame px (zeros for
+                   detection boxes)
+
+Without augmentation the crop comes from the pre-warped cache written by preprocess (no PNG
+decoding: a memory-mapped read); with augmentation (`train=True` and any of
+`data.augment` on) the full frame is read from the raw data and warped once with flip,
+rotation and scale folded into a single affine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from okdpose.codec import encode_heatmaps
+from okdpose.data.coco import DataError, crops_path, load_meta, load_records, read_frame
+from okdpose.data.transforms import (affine_points, flip_joints, get_affine_transform, sample_augmentation,
+                                     warp_image)
+from okdpose.joints import JointSpec
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+class PoseDataset(Dataset):
+    """One split of a prepared data set, ground-truth boxes (`use_gt_bbox`) or detection boxes."""
+
+    def __init__(self, prepared_dir: str | Path, split: str, spec: JointSpec, image_size: Sequence[int],
+                 heatmap_size: Sequence[int], sigma: float, augment: Optional[Any] = None,
+                 use_gt_bbox: bool = True, train: bool = False, raw_root: str | Path | None = None,
+                 use_cache: bool = True):
+        self.prepared = Path(prepared_dir)
+        self.meta = load_meta(self.prepared)
+        if self.meta["joints"] != spec.name:
+            raise DataError(f"{self.prepared}/meta.json: prepared for joints {self.meta['joints']!r}, "
+                            f"asked for {spec.name!r}; re-run preprocess with the same data.joints")
+        if split not in self.meta["splits"]:
+            raise DataError(f"{self.prepared}: no split {split!r} (have {sorted(self.meta['splits'])})")
+        self.split, self.spec = split, spec
+        self.kind = "gt" if use_gt_bbox else "det"
+        self.records = load_records(self.prepared, split, self.kind)
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.heatmap_size = (int(heatmap_size[0]), int(heatmap_size[1]))
+        self.sigma = float(sigma)
+        self.augment = augment if (train and augment is not None and augment.enabled) else None
+        self.train = train
+        self.raw_root = Path(raw_root) if raw_root is not None else (self.prepared / self.meta["raw_root"])
+        self.channels = int(self.meta["splits"][split]["channels"])
+        self.flip_perm = spec.flip_permutation()
+        cache = crops_path(self.prepared, split, self.kind)
+        self.use_cache = (use_cache and self.augment is None and cache.is_file()
+                          and tuple(self.meta["image_size"]) == self.image_size)
+        self._cache_path = cache
+        self._cache: np.ndarray | None = None
+        self._aspect = self.image_size[0] / self.image_size[1]
+        self._norm_mul = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+        self._norm_add = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _crop_from_cache(self, i: int) -> np.ndarray:
+        if self._cache is None:          # opened lazily so each DataLoader worker maps its own
+            self._cache = np.load(self._cache_path, mmap_mode="r")
+        return np.asarray(self._cache[i])
+
+    def _frame(self, i: int) -> np.ndarray:
+        rel = str(self.records.images[self.records.image[i]])
+        return read_frame(self.raw_root / rel, self.meta["depth_range"])
+
+    def __getitem__(self, i: int):
+        r = self.records
+        joints = r.joints[i].astype(np.float32)
+        center, scale = r.center[i].astype(np.float32), r.scale[i].astype(np.float32)
+        rot, flipped = 0.0, False
+        if self.augment is None:
+            trans = get_affine_transform(center, scale, 0.0, self.image_size)
+            crop = self._crop_from_cache(i) if self.use_cache else warp_image(self._frame(i), trans, self.image_size)
+            crop_joints = joints
+        else:
+            frame = self._frame(i)
+            width = frame.shape[1]
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ()).item()))
+            a = self.augment
+            aug = sample_augmentation(rng, joints, center, scale, flip=a.flip, rotation=a.rotation,
+                                      scale_factor=a.scale, half_body_prob=a.half_body_prob,
+                                      upper_body=self.spec.upper_body, aspect_ratio=self._aspect, frame_width=width)
+            center, scale, rot, flipped = aug.center, aug.scale, aug.rot, aug.flip
+            trans = get_affine_transform(center, scale, rot, self.image_size)   # mirrored frame -> crop
+            crop_joints, warp = joints, trans
+            if flipped:                  # mirror folded into the warp: x -> width - 1 - x, then `trans`
+                crop_joints = flip_joints(joints, width, self.flip_perm)
+                mirror = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+                warp = (np.vstack([trans, [0.0, 0.0, 1.0]]) @ mirror)[:2]
+            crop = warp_image(frame, warp, self.image_size)
+        crop = crop.reshape(self.image_size[1], self.image_size[0], -1)
+        image = crop.astype(np.float32) * self._norm_mul + self._norm_add          # (h, w, 3) by broadcasting
+        kp = affine_points(crop_joints[:, :2], trans)
+        target, weight = encode_heatmaps(kp, crop_joints[:, 2], self.image_size, self.heatmap_size, self.sigma)
+        meta = {"image_id": int(r.image_id[i]), "index": int(i), "center": center, "scale": scale,
+                "score": float(r.score[i]), "area": float(r.area[i]), "rotation": float(rot),
+                "flipped": flipped, "joints": joints}
+        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(target),
+                torch.from_numpy(weight), meta)
+
+
+def denormalize(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(3, h, w) normalised image -> uint8 (h, w, 3) RGB, for pictures."""
+    x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    x = x.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,98 @@
+"""Pictures for people: skeleton overlays and image grids (uint8 BGR, OpenCV drawing).
+
+Joints are (J, 3) arrays of (x, y, v) in the image's pixels; v = 2 visible (filled dot),
+v = 1 occluded (hollow dot, dashed-looking thin bone), v = 0 absent (not drawn). The infant's
+right side is drawn in orange, the left in blue, so left/right swaps are easy to spot.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from okdpose.files import atomic_path
+from okdpose.joints import JointSpec
+
+RIGHT_COLOR = (0, 140, 255)     # BGR orange
+LEFT_COLOR = (255, 120, 0)      # BGR blue
+CENTER_COLOR = (0, 220, 0)
+BOX_COLOR = (80, 220, 80)
+
+
+def to_bgr(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> a contiguous (H, W, 3) copy."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {img.dtype} (convert depth with okdpose.data.coco.to_uint8)")
+    if img.ndim == 2 or img.shape[2] == 1:
+        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+    return np.ascontiguousarray(img[..., :3]).copy()
+
+
+def _joint_color(spec: JointSpec, j: int) -> tuple[int, int, int]:
+    name = spec.names[j]
+    if name.startswith("right"):
+        return RIGHT_COLOR
+    if name.startswith("left"):
+        return LEFT_COLOR
+    return CENTER_COLOR
+
+
+def draw_skeleton(image: np.ndarray, joints: np.ndarray, spec: JointSpec, *, radius: int | None = None,
+                  thickness: int | None = None, box: Sequence[float] | None = None,
+                  color: tuple[int, int, int] | None = None, label: str | None = None) -> np.ndarray:
+    """Copy of `image` with the skeleton of `joints` (J, 3) drawn; optional (x, y, w, h) box and caption.
+
+    `color` draws every joint and bone in one colour (e.g. predictions over ground truth).
+    """
+    out = to_bgr(image)
+    h, w = out.shape[:2]
+    radius = radius or max(2, round(min(h, w) / 120))
+    thickness = thickness or max(1, radius // 2)
+    pts = np.asarray(joints, dtype=np.float64)
+    xy = np.round(pts[:, :2]).astype(int)
+    v = pts[:, 2] if pts.shape[1] > 2 else np.full(len(pts), 2.0)
+    if box is not None:
+        x, y, bw, bh = (int(round(c)) for c in box[:4])
+        cv2.rectangle(out, (x, y), (x + bw, y + bh), BOX_COLOR, 1)
+    for a, b in spec.skeleton0:
+        if v[a] > 0 and v[b] > 0:
+            c = color or _joint_color(spec, a)
+            t = thickness if min(v[a], v[b]) >= 2 else max(1, thickness // 2)
+            cv2.line(out, tuple(xy[a]), tuple(xy[b]), c, t, cv2.LINE_AA)
+    for j in range(len(pts)):
+        if v[j] <= 0:
+            continue
+        c = color or _joint_color(spec, j)
+        cv2.circle(out, tuple(xy[j]), radius, c, -1 if v[j] >= 2 else 1, cv2.LINE_AA)
+    if label:
+        cv2.putText(out, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def image_grid(images: Sequence[np.ndarray], cols: int = 4, pad: int = 4,
+               background: int = 32) -> np.ndarray:
+    """Tile uint8 images (each resized to the first one's size) into one (rows x cols) BGR image."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    tiles = [to_bgr(im) for im in images]
+    th, tw = tiles[0].shape[:2]
+    tiles = [t if t.shape[:2] == (th, tw) else cv2.resize(t, (tw, th), interpolation=cv2.INTER_AREA) for t in tiles]
+    cols = max(1, min(cols, len(tiles)))
+    rows = -(-len(tiles) // cols)
+    grid = np.full((rows * th + (rows + 1) * pad, cols * tw + (cols + 1) * pad, 3), background, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (th + pad), pad + c * (tw + pad)
+        grid[y:y + th, x:x + tw] = t
+    return grid
+
+
+def write_png(path, image: np.ndarray) -> None:
+    """Write a PNG atomically (temporary file beside it, then rename)."""
+    with atomic_path(path) as tmp:
+        ok, buf = cv2.imencode(".png", image)
+        if not ok:
+            raise OSError(f"could not encode {path} as PNG")
+        tmp.write_bytes(buf.tobytes())

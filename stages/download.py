@@ -1,0 +1,33 @@
+"""download: bring the data set named by params `data` to data/raw/<data.name>/ in the BabyPose
+layout (built-in synthetic frames, a local folder, an archive, or an http(s) URL with sha256).
+The folder is built beside the target and renamed into place only once it validates."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from okdpose.data.fetch import FetchError, fetch_raw
+from okdpose.data.layout import LayoutError
+from okdpose.data.synthetic import config_from_params
+from okdpose.params import ParamsError, load_params
+
+RAW, DOWNLOADS = Path("data/raw"), Path("data/downloads")   # downloads/ keeps resumable .part files
+
+
+def main() -> None:
+    d = load_params().data
+    start = time.perf_counter()
+    report = fetch_raw(RAW / d.name, d.source, path=d.path, url=d.url, sha256=d.sha256,
+                       synthetic=config_from_params(d.synthetic), spec=d.joint_spec, download_dir=DOWNLOADS,
+                       workers=min(2, os.cpu_count() or 1), progress=sys.stderr.isatty())
+    images = ", ".join(f"{s} {n}" for s, n in report["images"].items())
+    print(f"download: {d.source} -> {report['root']} ({images} frames) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ParamsError, FetchError, LayoutError, ValueError) as e:
+        sys.exit(f"download: {e}")

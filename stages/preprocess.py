@@ -1,0 +1,40 @@
+"""preprocess: validate data/raw/<data.name>/ and write data/prepared/ (records, cleaned COCO
+ground truth, cached crops), metrics/data.json (counts, visibility, box statistics, skipped
+records) and plots/data/*.png (frames and crops with the ground-truth skeleton)."""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from okdpose.data.coco import DataError, prepare_dataset, preview
+from okdpose.data.layout import LayoutError
+from okdpose.files import write_json
+from okdpose.params import ParamsError, load_params
+from okdpose.viz import write_png
+
+RAW, PREPARED = Path("data/raw"), Path("data/prepared")
+METRICS, PLOTS = Path("metrics/data.json"), Path("plots/data")
+
+
+def main() -> None:
+    d = load_params().data
+    start = time.perf_counter()
+    report = prepare_dataset(RAW / d.name, PREPARED, d.joint_spec, d.image_size, d.depth_range,
+                             skip_invalid=d.skip_invalid, progress=sys.stderr.isatty())
+    write_json(METRICS, report)
+    shutil.rmtree(PLOTS, ignore_errors=True)
+    for split in report["splits"]:
+        write_png(PLOTS / f"{split}_frames.png", preview(PREPARED, split, d.joint_spec, num=6))
+        write_png(PLOTS / f"{split}_crops.png", preview(PREPARED, split, d.joint_spec, num=16, crops=True))
+    t = report["total"]
+    print(f"preprocess: {t['records_gt']} records ({t['skipped_invalid']} invalid skipped) -> {PREPARED}, "
+          f"{METRICS}, {PLOTS}/ in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ParamsError, DataError, LayoutError) as e:
+        sys.exit(f"preprocess: {e}")

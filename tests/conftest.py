@@ -1,0 +1,30 @@
+"""Shared fixtures. Data: a tiny built-in data set (1 subject x 3 frames per split), generated and
+prepared once per test session; tests that modify it work on copies."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from okdpose.data.coco import prepare_dataset
+from okdpose.data.fetch import fetch_raw
+from okdpose.data.synthetic import SyntheticConfig
+from okdpose.joints import BABYPOSE12
+
+TINY = SyntheticConfig(seed=3, subjects=(1, 1, 1), frames_per_subject=3)
+TINY_IMAGE_SIZE = (48, 64)
+DEPTH_RANGE = (400.0, 1200.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw") / "babypose"
+    fetch_raw(root, "synthetic", synthetic=TINY, spec=BABYPOSE12, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tiny_raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare_dataset(tiny_raw, out, BABYPOSE12, TINY_IMAGE_SIZE, DEPTH_RANGE, progress=False)
+    return out
