@@ -567,7 +567,9 @@ def preview(prepared: str | Path, split: str, spec: JointSpec, num: int = 6, cro
     raw_root = (prepared / meta["raw_root"]).resolve()
     for i in idx:
         frame = read_frame(raw_root / str(recs.images[recs.image[i]]), meta["depth_range"])
-        tiles.append(draw_skeleton(_bgr(frame), recs.joints[i], spec, box=recs.bbox[i], label=f"{split} {int(recs.image_id[i])}"))
+        tile = draw_skeleton(_bgr(frame), recs.joints[i], spec, box=recs.bbox[i], label=f"{split} {int(recs.image_id[i])}")
+        # half size keeps the committed preview small (plots/ is versioned in git)
+        tiles.append(cv2.resize(tile, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))
     return image_grid(tiles, cols=3)
 
 
