@@ -1,0 +1,228 @@
+"""The original paper's experiment grid as queued DVC experiments, and its Table 1 from the results.
+
+    python -m okdpose.grid list                      # rows and the -S overrides each one sets
+    python -m okdpose.grid queue [--rows ...] [-S train.epochs=4] [--start -j 1]
+    dvc queue start -j 1 && dvc queue status         # (what --start does) run the queue
+    python -m okdpose.grid table [--out results/grid]   # Table 1 layout: markdown + CSV
+
+Rows follow Cacciatore et al. 2025, Table 1 (DESIGN.md §5), plus the temperature variants of the
+original experiment files (T = 2, 5, 10 for the (3, 4) couple). Everything a row does not set
+(data, width, epochs, kld_weight, ...) comes from params.yaml, so the grid runs at CPU scale on
+the built-in data by default and at paper scale with the paper preset.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+METRICS_FILE = "metrics/eval.json"
+TABLE_METRICS = ("AP", "AR", "hmPCK50")   # the paper's columns (hmPCK50 = its PCK@0.5)
+
+
+@dataclass(frozen=True)
+class GridRow:
+    name: str
+    n_stage: int
+    couples: tuple[tuple[int, int], ...] = ()
+    deep_supervision: bool = False
+    temperature: float = 1.0
+    paper: dict[str, tuple[float, ...]] | None = None   # Table 1 values (%), student(s) / teacher
+
+    def overrides(self) -> dict[str, Any]:
+        """params.yaml keys this row sets (`dvc exp run -S key=value`)."""
+        kd = bool(self.couples)
+        return {
+            "model.n_stage": self.n_stage,
+            "model.multi": kd,
+            "loss.use_kld": kd,
+            "loss.use_mse": self.deep_supervision,
+            "loss.kld_couples": [list(c) for c in self.couples],
+            "loss.temperature": self.temperature,
+        }
+
+    @property
+    def reported_stages(self) -> tuple[int, ...]:
+        """Stages the paper reports: those in KD couples (students then teacher), else the last."""
+        if not self.couples:
+            return (self.n_stage,)
+        return tuple(sorted({s for c in self.couples for s in c}))
+
+
+def _p(ap: Sequence[float], ar: Sequence[float], pck: Sequence[float]) -> dict[str, tuple[float, ...]]:
+    return {"AP": tuple(ap), "AR": tuple(ar), "hmPCK50": tuple(pck)}
+
+
+ROWS: tuple[GridRow, ...] = (
+    GridRow("HRNet2", 2, paper=_p([67.73], [74.09], [71.44])),
+    GridRow("HRNet3", 3, paper=_p([91.54], [94.27], [86.66])),
+    GridRow("HRNet4", 4, paper=_p([94.17], [95.08], [88.14])),
+    GridRow("HRNet3-OKD", 3, ((2, 3),), paper=_p([74.17, 76.27], [78.08, 81.43], [73.55, 77.21])),
+    GridRow("HRNet3-OKD-DS", 3, ((2, 3),), True, paper=_p([72.45, 74.75], [77.80, 80.05], [78.59, 79.98])),
+    GridRow("HRNet4-OKD", 4, ((3, 4),), paper=_p([92.63, 93.77], [94.91, 95.62], [87.24, 88.02])),
+    GridRow("HRNet4-OKD-DS", 4, ((3, 4),), True, paper=_p([93.58, 95.13], [95.51, 96.22], [88.42, 88.96])),
+    GridRow("HRNet4-MSOKD", 4, ((2, 4), (3, 4)),
+            paper=_p([70.71, 93.28, 93.30], [75.82, 95.02, 94.88], [74.57, 87.30, 87.24])),
+    GridRow("HRNet4-MSOKD-DS", 4, ((2, 4), (3, 4)), True,
+            paper=_p([68.81, 92.03, 93.39], [75.79, 94.32, 95.10], [73.98, 86.36, 86.95])),
+    GridRow("HRNet4-COKD", 4, ((2, 3), (3, 4)),
+            paper=_p([62.34, 69.23, 77.43], [66.22, 74.19, 82.54], [70.79, 75.08, 78.28])),
+    GridRow("HRNet4-COKD-DS", 4, ((2, 3), (3, 4)), True,
+            paper=_p([74.82, 79.51, 81.52], [78.55, 83.36, 85.33], [74.37, 77.85, 77.74])),
+) + tuple(
+    GridRow(f"HRNet4-OKD{'-DS' if ds else ''}-T{t}", 4, ((3, 4),), ds, float(t))
+    for ds in (False, True) for t in (2, 5, 10)
+)
+ROWS_BY_NAME = {r.name: r for r in ROWS}
+
+
+# --------------------------------------------------------------------------- queueing
+
+def _yaml_value(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def queue_command(row: GridRow, prefix: str = "", extra: Sequence[str] = ()) -> list[str]:
+    """The `dvc exp run --queue` command line for one row (extra: more `key=value` overrides)."""
+    cmd = ["dvc", "exp", "run", "--queue", "-n", f"{prefix}{row.name}"]
+    for key, value in row.overrides().items():
+        cmd += ["-S", f"{key}={_yaml_value(value)}"]
+    for kv in extra:
+        cmd += ["-S", kv]
+    return cmd
+
+
+def select_rows(names: Iterable[str] | None) -> list[GridRow]:
+    if not names:
+        return list(ROWS)
+    unknown = [n for n in names if n not in ROWS_BY_NAME]
+    if unknown:
+        raise SystemExit(f"unknown grid row(s) {unknown}; choose from {list(ROWS_BY_NAME)}")
+    return [ROWS_BY_NAME[n] for n in names]
+
+
+# --------------------------------------------------------------------------- collecting
+
+def experiments_from_show(show: list[dict]) -> dict[str, dict]:
+    """{experiment name: {"params": params.yaml data, "metrics": metrics/eval.json data}} from `dvc exp show --json`."""
+    found: dict[str, dict] = {}
+    for baseline in show:
+        for group in baseline.get("experiments") or []:
+            for rev in group.get("revs") or []:
+                data, name = rev.get("data") or {}, rev.get("name")
+                if not name or rev.get("error"):
+                    continue
+                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+                if metrics:
+                    found[name] = {"params": params, "metrics": metrics, "timestamp": data.get("timestamp")}
+    return found
+
+
+def table_rows(experiments: dict[str, dict], prefix: str = "") -> list[dict[str, Any]]:
+    """One dict per (row, reported stage) with our metrics (in %) and the paper's."""
+    out = []
+    for row in ROWS:
+        exp = experiments.get(f"{prefix}{row.name}")
+        for i, stage in enumerate(row.reported_stages):
+            m = (exp or {}).get("metrics", {}).get(f"stage{stage}", {})
+            rec: dict[str, Any] = {"row": row.name, "stage": stage,
+                                   "role": "teacher" if stage == row.reported_stages[-1] else "student",
+                                   "couples": " ".join(f"({s},{t})" for s, t in row.couples) or "-",
+                                   "DS": "yes" if row.deep_supervision else ("no" if row.couples else "-"),
+                                   "T": row.temperature, "ran": exp is not None}
+            for key in TABLE_METRICS:
+                v = m.get(key)
+                rec[key] = None if v is None else round(100 * float(v), 2)
+                rec[f"paper_{key}"] = row.paper[key][i] if row.paper else None
+            out.append(rec)
+    return out
+
+
+def _fmt(values: Sequence[Any]) -> str:
+    return " / ".join("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in values)
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """Table 1 layout: one line per row, student(s) / teacher values side by side, paper values beside ours."""
+    head = ["row", "stages", "couples", "DS", "T"] + [f"{k} (ours)" for k in TABLE_METRICS] + [f"{k} (paper)" for k in TABLE_METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in ROWS:
+        recs = [r for r in records if r["row"] == row.name]
+        if not recs:
+            continue
+        ours = [_fmt([r[k] for r in recs]) for k in TABLE_METRICS]
+        paper = [_fmt([r[f"paper_{k}"] for r in recs]) for k in TABLE_METRICS]
+        lines.append("| " + " | ".join([row.name, str(row.n_stage), recs[0]["couples"], recs[0]["DS"], f"{row.temperature:g}"] + ours + paper) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    from okdpose.files import write_text
+
+    md, csv_path = out / "table1.md", out / "table1.csv"
+    write_text(md, "Per-stage test metrics in %, student(s) / teacher (Table 1 layout; paper values from "
+                   "Cacciatore et al. 2025 for comparison — theirs are W32, COCO-pretrained, real BabyPose).\n\n"
+               + markdown_table(records))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["row"])
+    writer.writeheader()
+    writer.writerows(records)
+    write_text(csv_path, buf.getvalue())
+    return md, csv_path
+
+
+# --------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m okdpose.grid", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="print the rows and their overrides")
+    q = sub.add_parser("queue", help="queue the rows as DVC experiments")
+    q.add_argument("--rows", nargs="*", help="row names (default: all)")
+    q.add_argument("--prefix", default="", help="prefix for experiment names (to queue the grid twice)")
+    q.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra params override for every row, e.g. -S train.epochs=4")
+    q.add_argument("--start", action="store_true", help="start the queue after adding (dvc queue start)")
+    q.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers for --start (2 cores: 1)")
+    q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    t = sub.add_parser("table", help="collect finished experiments into Table 1 (markdown + CSV)")
+    t.add_argument("--prefix", default="")
+    t.add_argument("--out", default="results/grid", type=Path)
+    t.add_argument("--show-json", type=Path, help="read `dvc exp show --json` output from a file instead")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "list":
+        for row in ROWS:
+            print(f"{row.name:<20} " + " ".join(f"-S {k}={_yaml_value(v)}" for k, v in row.overrides().items()))
+        return 0
+    if args.cmd == "queue":
+        for row in select_rows(args.rows):
+            cmd = queue_command(row, args.prefix, args.set_param)
+            print(" ".join(cmd[:5] + [f"'{c}'" if c.startswith("loss.kld") else c for c in cmd[5:]]))
+            if not args.dry_run:
+                subprocess.run(cmd, check=True)
+        if args.start and not args.dry_run:
+            subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+        return 0
+    show = json.loads(args.show_json.read_text() if args.show_json else
+                      subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+    records = table_rows(experiments_from_show(show), args.prefix)
+    if not any(r["ran"] for r in records):
+        print(f"no finished grid experiments{' with prefix ' + args.prefix if args.prefix else ''} found in `dvc exp show`", file=sys.stderr)
+        return 1
+    md, csv_path = write_table(records, args.out)
+    print(md.read_text())
+    print(f"wrote {md} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

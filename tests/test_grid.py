@@ -1,0 +1,49 @@
+import yaml
+
+from okdpose.grid import ROWS, ROWS_BY_NAME, experiments_from_show, markdown_table, queue_command, table_rows
+from okdpose.params import params_from_dict
+
+
+def _params_for(row):
+    raw: dict = {}
+    for key, value in row.overrides().items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    return params_from_dict(raw)
+
+
+def test_every_row_is_a_valid_params_set_with_the_papers_stages():
+    assert len(ROWS) == 17 and len(ROWS_BY_NAME) == 17
+    for row in ROWS:
+        p = _params_for(row)
+        assert p.kd_stages() == row.reported_stages
+    assert ROWS_BY_NAME["HRNet4-COKD-DS"].reported_stages == (2, 3, 4)
+    assert _params_for(ROWS_BY_NAME["HRNet3"]).output_stages() == (3,)
+
+
+def test_queue_command_values_parse_back_as_yaml():
+    cmd = queue_command(ROWS_BY_NAME["HRNet4-MSOKD-DS"], prefix="g1-", extra=["train.epochs=2"])
+    assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "g1-HRNet4-MSOKD-DS"]
+    sets = dict(s.split("=", 1) for s in cmd[7::2])
+    assert yaml.safe_load(sets["loss.kld_couples"]) == [[2, 4], [3, 4]]
+    assert yaml.safe_load(sets["model.multi"]) is True and yaml.safe_load(sets["loss.use_mse"]) is True
+    assert sets["train.epochs"] == "2"
+
+
+def _show(name, metrics):
+    rev = {"rev": "abc", "name": name, "error": None,
+           "data": {"metrics": {"metrics/eval.json": {"data": metrics}}, "params": {"params.yaml": {"data": {}}}}}
+    return [{"rev": "workspace", "experiments": None},
+            {"rev": "base", "name": "main", "experiments": [{"revs": [rev], "executor": None}]}]
+
+
+def test_table_collects_student_and_teacher_in_paper_layout():
+    show = _show("HRNet4-OKD", {"stage3": {"AP": 0.5, "AR": 0.6, "hmPCK50": 0.7},
+                                "stage4": {"AP": 0.8, "AR": 0.9, "hmPCK50": 0.95}})
+    recs = table_rows(experiments_from_show(show))
+    okd = [r for r in recs if r["row"] == "HRNet4-OKD"]
+    assert [(r["stage"], r["role"], r["AP"]) for r in okd] == [(3, "student", 50.0), (4, "teacher", 80.0)]
+    assert okd[1]["paper_AP"] == 93.77
+    md = markdown_table(recs)
+    assert "| HRNet4-OKD | 4 | (3,4) | no | 1 | 50.00 / 80.00 | 60.00 / 90.00 | 70.00 / 95.00 | 92.63 / 93.77 |" in md
+    assert "| HRNet2 | 2 | - | - | 1 | – |" in md   # not run yet: a dash, never a made-up number
