@@ -1,0 +1,22 @@
+"""Multi-output HRNet with official key names, its checkpoints and its cost."""
+from okdpose.model.checkpoint import (
+    CheckpointError,
+    LoadReport,
+    load_model,
+    load_pretrained,
+    save_checkpoint,
+)
+from okdpose.model.cost import count_params, forward_flops, stage_costs
+from okdpose.model.multi_out import MultiOutHRNet
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "MultiOutHRNet",
+    "count_params",
+    "forward_flops",
+    "load_model",
+    "load_pretrained",
+    "save_checkpoint",
+    "stage_costs",
+]

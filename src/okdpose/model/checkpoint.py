@@ -1,0 +1,238 @@
+"""Load official HRNet / okdpose checkpoints into a `MultiOutHRNet`, and save our own.
+
+Our checkpoint format (a dict; `torch.load(weights_only=True)` reads it):
+
+    {"format": "okdpose", "version": 1,
+     "model": {"num_joints": J, "width": w, "n_stage": n, "multi": bool},   # MultiOutHRNet(**model)
+     "state_dict": {key: tensor},                                          # official key names
+     ...extras}                                                            # e.g. epoch, optimizer, metrics
+
+`load_pretrained` also reads plain state_dicts (official `pose_hrnet_*.pth`), DataParallel
+`module.`-prefixed ones and dicts holding a `state_dict` (the original training checkpoints).
+It never loads silently: the report lists loaded, missing, unused and skipped keys.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from okdpose.files import atomic_path
+from okdpose.model.hrnet import STEM_MODULES, full_trunk_keys
+from okdpose.model.multi_out import MultiOutHRNet
+
+logger = logging.getLogger(__name__)
+
+FORMAT, VERSION = "okdpose", 1
+RESERVED_KEYS = frozenset({"format", "version", "model", "state_dict"})
+HEAD_PREFIXES = ("final_layer.", "intermediate_layers.")
+_EXPECTED = ("an official pose_hrnet_*.pth state_dict, a training checkpoint holding a 'state_dict', "
+             "or a file written by okdpose.model.save_checkpoint")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot initialise the model; the message names the file and the fix."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did with each key (key lists use the model's names)."""
+
+    source: str
+    kind: str                                   # "okdpose" | "state_dict" | "wrapped state_dict"
+    loaded: list[str] = field(default_factory=list)     # model keys copied from the file
+    missing: list[str] = field(default_factory=list)    # model keys the file lacks (keep their init)
+    unused: list[str] = field(default_factory=list)     # file keys the architecture has no place for
+    skipped: dict[str, str] = field(default_factory=dict)  # file key -> why it was not loaded
+
+    def counts(self) -> dict[str, int]:
+        return {"loaded": len(self.loaded), "missing": len(self.missing),
+                "unused": len(self.unused), "skipped": len(self.skipped)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "counts": self.counts(),
+                "missing": self.missing, "unused": self.unused, "skipped": self.skipped}
+
+    def summary(self) -> str:
+        c = self.counts()
+        lines = [f"{self.source} ({self.kind}): loaded {c['loaded']}, missing {c['missing']}, "
+                 f"unused {c['unused']}, skipped {c['skipped']} keys"]
+        for title, keys in (("missing (kept at init)", self.missing), ("unused", self.unused)):
+            if keys:
+                lines.append(f"  {title}: {_abbrev(keys)}")
+        reasons: dict[str, list[str]] = {}
+        for key, why in self.skipped.items():
+            reasons.setdefault(why, []).append(key)
+        lines += [f"  skipped ({why}): {_abbrev(keys)}" for why, keys in reasons.items()]
+        return "\n".join(lines)
+
+
+def _abbrev(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)` on CPU, with errors that name the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: checkpoint not found; put the file there (e.g. under pretrained/) or fix the path "
+            "(params.yaml model.pretrained; null starts from scratch)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # garbage bytes, truncated zip, pickled non-tensor objects, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a checkpoint torch can load safely ({type(e).__name__}: {first}); expected {_EXPECTED}"
+        ) from None
+
+
+def unpack_checkpoint(obj: Any, source: str) -> tuple[dict[str, Tensor], str, Mapping[str, Any] | None]:
+    """-> (state_dict without `module.` prefixes, kind, stored model config or None)."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a dict of tensors; expected {_EXPECTED}")
+    config = None
+    if obj.get("format") == FORMAT:
+        version = obj.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise CheckpointError(f"{source}: okdpose checkpoint version {version!r} is newer than this code "
+                                  f"reads ({VERSION}); update okdpose")
+        kind, config, sd = FORMAT, obj.get("model"), obj.get("state_dict")
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{source}: okdpose checkpoint without its 'model' config; re-save it "
+                                  "with okdpose.model.save_checkpoint")
+    elif isinstance(obj.get("state_dict"), Mapping):
+        kind, sd = "wrapped state_dict", obj["state_dict"]
+    else:
+        kind, sd = "state_dict", obj
+    if not isinstance(sd, Mapping) or not sd:
+        raise CheckpointError(f"{source}: no tensors found (empty or missing state_dict); expected {_EXPECTED}")
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"{source}: entry {key!r} holds a {type(value).__name__}, not a tensor; "
+                                  f"expected {_EXPECTED}")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd), kind, config
+
+
+def load_pretrained(model: MultiOutHRNet, path: str | Path) -> LoadReport:
+    """Copy matching weights from `path` into `model` and report every key's fate.
+
+    Loaded: same name and shape. Skipped: heads whose shape differs (another joint count),
+    heads the model does not have, trunk keys of stages the model does not build. Unused: keys
+    foreign to HRNet. A trunk shape mismatch (another width), a file without the stem/layer1,
+    or a file that is not a checkpoint raises `CheckpointError`.
+    """
+    source = str(path)
+    sd, kind, config = unpack_checkpoint(read_checkpoint(path), source)
+    if config is not None and config.get("width") != model.width:
+        raise CheckpointError(f"{source}: an okdpose checkpoint of width {config.get('width')}, the model has "
+                              f"width {model.width}; set model.width: {config.get('width')} (or use another file)")
+    own = model.state_dict()
+    full = full_trunk_keys(model.width)
+    report = LoadReport(source, kind)
+    to_load: dict[str, Tensor] = {}
+    wrong_shape: list[str] = []
+    for key, value in sd.items():
+        head = key.startswith(HEAD_PREFIXES)
+        if key in own:
+            if value.shape == own[key].shape:
+                to_load[key] = value
+            elif head:
+                report.skipped[key] = (f"head shape {tuple(value.shape)} in file vs {tuple(own[key].shape)} "
+                                       "in model (other joint count)")
+            else:
+                wrong_shape.append(key)
+        elif head:
+            report.skipped[key] = f"head not in this model (n_stage={model.n_stage}, multi={model.multi})"
+        elif key in full:
+            report.skipped[key] = f"trunk that feeds only stages after {model.n_stage}, not built"
+        else:
+            report.unused.append(key)
+    if wrong_shape:
+        key = wrong_shape[0]
+        file_width = _width_of(sd)
+        fix = f"set model.width: {file_width}" if file_width else "use a checkpoint of this architecture"
+        raise CheckpointError(
+            f"{source}: {len(wrong_shape)} trunk tensors do not fit a width-{model.width} HRNet (e.g. {key}: "
+            f"{tuple(sd[key].shape)} in file vs {tuple(own[key].shape)} in model); {fix}"
+        )
+    stem = [k for k in own if k.split(".")[0] in STEM_MODULES]
+    absent = [k for k in stem if k not in to_load]
+    if absent:
+        raise CheckpointError(
+            f"{source}: covers {len(stem) - len(absent)} of the {len(stem)} HRNet stem/layer1 tensors (e.g. "
+            f"{absent[0]!r} is missing) and {len(to_load)} of {len(own)} model tensors; this is not an HRNet "
+            f"pose checkpoint; expected {_EXPECTED}"
+        )
+    result = model.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys   # only model keys were selected
+    report.loaded = list(to_load)
+    report.missing = list(result.missing_keys)
+    logger.log(logging.WARNING if report.unused or _trunk(report.missing) else logging.INFO,
+               "load_pretrained %s", report.summary())
+    return report
+
+
+def _width_of(sd: Mapping[str, Tensor]) -> int | None:
+    w = sd.get("transition1.0.0.weight")
+    return int(w.shape[0]) if w is not None and w.dim() == 4 else None
+
+
+def _trunk(keys: list[str]) -> list[str]:
+    return [k for k in keys if not k.startswith(HEAD_PREFIXES)]
+
+
+def save_checkpoint(path: str | Path, model: MultiOutHRNet, **extra: Any) -> None:
+    """Write an okdpose checkpoint atomically; `extra` holds plain data (numbers, strings, lists,
+    dicts, tensors) such as epoch, optimizer state or metrics."""
+    clash = RESERVED_KEYS & extra.keys()
+    if clash:
+        raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved for the format")
+    for key, value in extra.items():
+        _check_plain(value, key)
+    ckpt = {"format": FORMAT, "version": VERSION, "model": model.config(),
+            # contiguous CPU copies: the file does not depend on device or memory format
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            **extra}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if value is None or type(value) in (bool, int, float, str) or isinstance(value, (Tensor, torch.Size)):
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_plain(k, f"{where} key")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"save_checkpoint: extra {where} is a {type(value).__name__}; store plain numbers, "
+                    "strings, lists, dicts or tensors (weights_only loading refuses other objects)")
+
+
+def load_model(path: str | Path) -> tuple[MultiOutHRNet, dict[str, Any]]:
+    """Rebuild the model stored in an okdpose checkpoint, on CPU -> (model, checkpoint dict)."""
+    source = str(path)
+    obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{source}: not an okdpose checkpoint (no 'format': '{FORMAT}'); for official or "
+                              "other files build MultiOutHRNet(...) and call load_pretrained(model, path)")
+    sd, _, config = unpack_checkpoint(obj, source)
+    try:
+        model = MultiOutHRNet(**config)
+        model.load_state_dict(sd, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: stored model {config!r} does not rebuild: {e}") from None
+    return model, dict(obj)

@@ -1,0 +1,130 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from okdpose.model import CheckpointError, MultiOutHRNet, load_model, load_pretrained, save_checkpoint
+
+J, WIDTH = 5, 4
+
+
+def tiny(num_joints=J, width=WIDTH, n_stage=4, multi=True, seed=0) -> MultiOutHRNet:
+    torch.manual_seed(seed)
+    model = MultiOutHRNet(num_joints, width, n_stage, multi)
+    for p in model.parameters():        # distinguishable from a fresh init
+        p.data.normal_(0, 0.1)
+    return model.eval()
+
+
+def x() -> torch.Tensor:
+    return torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(1))
+
+
+class NotATensor:
+    pass
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    model = tiny()
+    path = tmp_path / "sub" / "model.pt"
+    save_checkpoint(path, model, epoch=3, metrics={"AP": 0.5}, history=[1.0, 2.0])
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "okdpose" and raw["version"] == 1
+    assert raw["model"] == {"num_joints": J, "width": WIDTH, "n_stage": 4, "multi": True}
+    rebuilt, ckpt = load_model(path)
+    assert ckpt["epoch"] == 3 and ckpt["metrics"] == {"AP": 0.5}
+    with torch.no_grad():
+        for a, b in zip(rebuilt.eval()(x()), model(x())):
+            torch.testing.assert_close(a, b)
+    assert not list(tmp_path.glob("sub/.*tmp"))           # atomic write left nothing behind
+
+
+def test_save_refuses_reserved_and_unsafe_extras(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(tmp_path / "a.pt", tiny(), state_dict={})
+    with pytest.raises(TypeError, match="metrics"):
+        save_checkpoint(tmp_path / "a.pt", tiny(), metrics={"AP": np.float64(0.5)})
+
+
+def test_loading_into_a_truncated_model_reports_the_skipped_keys(tmp_path, caplog):
+    full = tiny()
+    save_checkpoint(tmp_path / "full.pt", full)
+    small = MultiOutHRNet(J, WIDTH, 2, multi=True).eval()
+    with caplog.at_level(logging.INFO, logger="okdpose.model.checkpoint"):
+        report = load_pretrained(small, tmp_path / "full.pt")
+    assert report.kind == "okdpose"
+    assert set(report.loaded) == set(small.state_dict()) and not report.missing and not report.unused
+    assert report.skipped["stage3.0.branches.0.0.conv1.weight"].startswith("trunk that feeds only stages after 2")
+    assert "final_layer.weight" in report.skipped and "intermediate_layers.2.bias" in report.skipped
+    assert "stage2.0.fuse_layers.1.0.0.0.weight" in report.skipped   # stage 2's unused fusion
+    assert "skipped" in caplog.text and "full.pt" in caplog.text       # never silent
+    with torch.no_grad():
+        for a, b in zip(small(x()), full(x())[:2]):
+            torch.testing.assert_close(a, b)
+
+
+def test_other_joint_count_keeps_the_trunk_and_skips_the_head(tmp_path):
+    official_like = tiny(num_joints=17, multi=False)
+    torch.save(official_like.state_dict(), tmp_path / "pose.pth")   # plain state_dict, official style
+    model = MultiOutHRNet(12, WIDTH, 4, multi=True)
+    report = load_pretrained(model, tmp_path / "pose.pth")
+    assert report.kind == "state_dict"
+    assert set(report.skipped) == {"final_layer.weight", "final_layer.bias"}
+    assert "(17, 4, 1, 1) in file vs (12, 4, 1, 1)" in report.skipped["final_layer.weight"]
+    assert set(report.missing) == {f"{h}.{p}" for h in model.head_layer_names() for p in ("weight", "bias")}
+    torch.testing.assert_close(model.conv1.weight, official_like.conv1.weight)
+
+
+@pytest.mark.parametrize("wrap", ["module", "state_dict"])
+def test_wrapped_state_dicts_load(tmp_path, wrap):
+    src = tiny()
+    sd = {f"module.{k}": v for k, v in src.state_dict().items()}
+    obj = sd if wrap == "module" else {"epoch": 7, "state_dict": sd, "perf": 0.7}
+    torch.save(obj, tmp_path / "c.pth")
+    model = MultiOutHRNet(J, WIDTH, 4, multi=True)
+    report = load_pretrained(model, tmp_path / "c.pth")
+    assert report.counts() == {"loaded": len(sd), "missing": 0, "unused": 0, "skipped": 0}
+
+
+def test_foreign_keys_are_reported_unused(tmp_path, caplog):
+    sd = dict(tiny().state_dict(), **{"extra_head.weight": torch.zeros(3)})
+    torch.save(sd, tmp_path / "c.pth")
+    with caplog.at_level(logging.WARNING, logger="okdpose.model.checkpoint"):
+        report = load_pretrained(MultiOutHRNet(J, WIDTH, 4), tmp_path / "c.pth")
+    assert report.unused == ["extra_head.weight"] and "unused" in caplog.text
+
+
+def write_garbage(path):
+    path.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
+
+
+@pytest.mark.parametrize("make, words", [
+    (write_garbage, ["not a checkpoint torch can load safely"]),
+    (lambda p: torch.save(torch.zeros(3), p), ["holds a Tensor"]),
+    (lambda p: torch.save({"conv1.weight": NotATensor()}, p), ["not a checkpoint torch can load safely"]),
+    (lambda p: torch.save({"conv1.weight": [1, 2]}, p), ["'conv1.weight' holds a list"]),
+    (lambda p: torch.save({}, p), ["no tensors"]),
+    (lambda p: torch.save(torch.nn.Linear(3, 2).state_dict(), p), ["not an HRNet pose checkpoint"]),
+    (lambda p: torch.save(tiny(width=8).state_dict(), p), ["width-4", "model.width: 8"]),
+    (lambda p: save_checkpoint(p, tiny(width=8)), ["width 8", "model.width: 8"]),
+])
+def test_bad_checkpoints_are_clear_errors(tmp_path, make, words):
+    path = tmp_path / "bad.pth"
+    make(path)
+    model = MultiOutHRNet(J, WIDTH, 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(model, path)
+    for w in [str(path), *words]:
+        assert w in str(err.value)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())   # nothing half-loaded
+
+
+def test_missing_file_and_foreign_files_for_load_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_pretrained(MultiOutHRNet(J, WIDTH, 4), tmp_path / "nope.pth")
+    torch.save(tiny().state_dict(), tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match="load_pretrained"):
+        load_model(tmp_path / "plain.pth")
