@@ -210,7 +210,7 @@ class EvaluateParams:
     use_gt_bbox: bool = True
     batch_size: int = 32
     pck_thresholds: tuple[float, ...] = (0.1, 0.2)   # fractions of the box size (standard PCK)
-    oks_nms: bool = True          # with detection boxes: rescoring + OKS-NMS as the original
+    oks_nms: bool = True          # rescoring + per-image OKS-NMS as the original (GT boxes too: a no-op there)
     oks_thre: float = 0.9
     in_vis_thre: float = 0.2
     image_thre: float = 0.0
@@ -235,10 +235,14 @@ class ExplainParams:
     heads: bool = True                          # also explain each head's output
     layers: tuple[str, ...] = ()                # extra target layers by dotted module name
     seed: int = 0
+    pointing_radius: float = 0.1                # pointing-game hit radius, fraction of max(box w, h) (as PCK)
 
     def validate(self, where: str) -> None:
         if self.num_images < 1:
             raise ParamsError(f"{where}.num_images must be >= 1, got {self.num_images}")
+        if not 0 < self.pointing_radius <= 1:
+            raise ParamsError(f"{where}.pointing_radius must be a fraction of the box size in (0, 1], "
+                              f"got {self.pointing_radius}")
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,10 @@ class Params:
             if hasattr(section, "validate"):
                 section.validate(f.name)
         self._validate_couples()
+        step = 4 * 2 ** (self.model.n_stage - 1)   # stem /4, then each new branch halves again
+        if any(v % step for v in self.data.image_size):
+            raise ParamsError(f"data.image_size {list(self.data.image_size)} must be a multiple of {step} (w and h) for a "
+                              f"{self.model.n_stage}-stage HRNet, e.g. [96, 128] or [192, 256]")
         if self.explain.stages is not None:
             for s in self.explain.stages:
                 if not 1 <= s <= self.model.n_stage:

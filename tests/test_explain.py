@@ -1,0 +1,242 @@
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pytorch_grad_cam import EigenCAM
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+from okdpose.data.transforms import box_to_center_scale
+from okdpose.explain import (LayerError, box_in_crop, box_mask, cam_scores, cam_targets, economy_2d_projection,
+                             eigencam, eigencam_with_outputs, energy_in_box, pointing_chance, pointing_hit,
+                             pointing_radius, predictions_in_crop)
+from okdpose.model import MultiOutHRNet
+from okdpose.viz import cam_overlay, tile_table, write_png_palette
+
+H, W = 64, 32      # input (h, w)
+LOW_RES = "stage2.0.branches.1"     # the lowest-resolution branch of the 2-stage test model
+
+
+@pytest.fixture(scope="module")
+def model() -> MultiOutHRNet:
+    """A tiny 2-stage model (few modules: fast forwards) with weights and BN statistics that give
+    non-trivial maps."""
+    torch.manual_seed(0)
+    m = MultiOutHRNet(num_joints=12, width=4, n_stage=2)
+    bns = [mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight)
+    for bn in bns:                                 # BN statistics of random inputs: well-scaled features
+        bn.momentum = None
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+    with torch.no_grad():
+        m.train()(torch.randn(8, 3, H, W, generator=torch.Generator().manual_seed(2)))
+    for bn in bns:
+        bn.momentum = 0.1
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(3, 3, H, W, generator=torch.Generator().manual_seed(1))
+
+
+def hooks_left(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def snapshot(model: torch.nn.Module):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()])
+
+
+def assert_unchanged(model: torch.nn.Module, snap) -> None:
+    state, modes = snap
+    assert hooks_left(model) == 0
+    assert [m.training for m in model.modules()] == modes
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+# --------------------------------------------------------------------------- maps
+
+def test_a_map_per_layer_in_range_from_one_forward_per_batch(model, images):
+    layers = model.feature_layer_names() + model.head_layer_names() + [LOW_RES]
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    try:
+        maps, outputs = eigencam_with_outputs(model, images, layers, batch_size=2)
+    finally:
+        handle.remove()
+    assert calls == [2, 1]                          # one forward per batch for all 5 layers
+    assert list(maps) == layers
+    for name, m in maps.items():
+        assert m.shape == (3, H, W) and m.dtype == np.float32, name
+        assert m.min() >= 0 and m.max() <= 1 and m.max() > 0.9, name
+    assert [o.shape for o in outputs] == [(3, 12, H // 4, W // 4)] * 2
+    with torch.no_grad():
+        expected = model(images)[-1].numpy()
+    # batches of 2 + 1 vs 3: convolution rounding may differ slightly
+    np.testing.assert_allclose(outputs[-1], expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_maps_equal_stock_eigencam_for_features_heads_and_a_branch(model, images):
+    # listed out of execution order on purpose: stock matches activations to layers by hook order
+    layers = ["intermediate_layers.1", "feature_taps.1", "feature_taps.0", LOW_RES]
+    ours = eigencam(model, images, layers)
+    for layer in layers[:2] + layers[3:]:
+        with EigenCAM(model, [model.get_submodule(layer)]) as cam:
+            stock = cam(images, targets=[])        # targets=[]: grad-cam 1.5.7 needs them with a list output
+        np.testing.assert_allclose(ours[layer], stock, rtol=0, atol=1e-6, err_msg=layer)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 32, 24), (2, 12, 16, 12), (1, 64, 2, 3), (2, 40, 5, 8)])
+def test_economy_projection_equals_stock_sign_included(shape):
+    rng = np.random.default_rng(sum(shape))
+    a = np.maximum(rng.standard_normal(shape), 0).astype(np.float32) * rng.random((1, shape[1], 1, 1), np.float32)
+    a[0, 0, 0, 0] = np.nan                         # stock zeroes NaNs
+    stock, ours = get_2d_projection(a), economy_2d_projection(a)
+    assert ours.shape == stock.shape == (shape[0], *shape[2:]) and ours.dtype == np.float32
+    scale = np.abs(stock).max()
+    np.testing.assert_allclose(ours, stock, rtol=0, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- the model is left alone
+
+def test_hooks_released_weights_and_modes_restored(model, images):
+    model.train()
+    model.stage2.eval()                            # a mixed state must come back as it was
+    snap = snapshot(model)
+    try:
+        eigencam(model, images[:1], ["feature_taps.1", "intermediate_layers.0"])
+        assert_unchanged(model, snap)
+    finally:
+        model.eval()
+
+
+def test_model_restored_and_errors_propagate_when_raising_mid_forward(model, images, monkeypatch):
+    model.train()
+    snap = snapshot(model)
+    try:
+        with pytest.raises(LayerError) as err:     # stage2.0 outputs a list: raised inside the forward
+            eigencam(model, images[:1], ["feature_taps.0", "stage2.0"])
+        assert "'stage2.0'" in str(err.value) and "feature_taps.0" in str(err.value)
+        assert_unchanged(model, snap)
+        with pytest.raises(ValueError, match="divisible"):
+            eigencam(model, images[:1, :, :, :30], ["intermediate_layers.1"])
+        assert_unchanged(model, snap)
+
+        def broken(x):
+            raise IndexError("boom")               # stock BaseCAM.__exit__ would swallow this one
+        monkeypatch.setattr(model.get_submodule("intermediate_layers.1"), "forward", broken)
+        with pytest.raises(IndexError, match="boom"):
+            eigencam(model, images[:1], ["feature_taps.1"])
+        monkeypatch.undo()
+        assert_unchanged(model, snap)
+    finally:
+        model.eval()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("stage9.0", ["'stage9.0'", "not a module", "feature_taps.0", "intermediate_layers.1", LOW_RES]),
+    ("", ["not a module"]),
+    ("conv1.weight", ["not a module"]),
+    ("stage2.0.fuse_layers", ["did not run"]),     # a ModuleList: never called
+    ("stage2.0", ["outputs a list", "4-D"]),
+])
+def test_bad_layer_names_are_clear_errors(model, images, name, words):
+    with pytest.raises(LayerError) as err:
+        eigencam(model, images[:1], [name])
+    for w in words:
+        assert w in str(err.value)
+    assert hooks_left(model) == 0
+
+
+def test_cam_targets_per_stage_heads_and_extra():
+    model = MultiOutHRNet(12, 2, 4)
+    assert "stage4.2.branches.3" in str(pytest.raises(LayerError, cam_targets, model, extra=["x"]).value)
+    keys = [t.key for t in cam_targets(model)]
+    assert keys == [f"stage{s}/{k}" for s in range(1, 5) for k in ("feature", "head")]
+    ts = cam_targets(model, stages=[4], heads=False, extra=["stage4.2.branches.3", "stage4.2.branches.3"])
+    assert [(t.key, t.layer, t.stage) for t in ts] == [
+        ("stage4/feature", "feature_taps.3", 4), ("extra/stage4.2.branches.3", "stage4.2.branches.3", None)]
+    assert [t.layer for t in cam_targets(model, stages=[2])] == ["feature_taps.1", "intermediate_layers.1"]
+    with pytest.raises(LayerError, match=r"explain.stages \[5\]"):
+        cam_targets(model, stages=[5])
+    with pytest.raises(LayerError, match="stage4.2.branchez"):
+        cam_targets(model, extra=["stage4.2.branchez.3"])
+    single = MultiOutHRNet(12, 4, 3, multi=False)
+    assert [t.layer for t in cam_targets(single)] == ["feature_taps.2", "intermediate_layers.2"]
+    with pytest.raises(LayerError, match=r"outputs are stages \[3\]"):
+        cam_targets(single, stages=[1])
+
+
+# --------------------------------------------------------------------------- scores
+
+def test_energy_in_box_on_hand_made_maps():
+    cam = np.zeros((20, 10), np.float32)
+    cam[5:8, 2:4] = 1.0
+    assert energy_in_box(cam, (2, 5, 3, 7)) == 1.0          # box edges pass through pixel centres
+    assert energy_in_box(cam, (2, 5, 2.9, 7)) == pytest.approx(0.5)
+    assert energy_in_box(cam, (5, 0, 9, 19)) == 0.0
+    assert math.isnan(energy_in_box(np.zeros((4, 4)), (0, 0, 3, 3)))
+    assert box_mask((0, 0, 9, 19), (20, 10)).all()
+
+
+def test_pointing_game_on_hand_made_maps():
+    cam = np.zeros((40, 30), np.float32)
+    cam[10, 20] = 1.0                                       # peak at (x, y) = (20, 10)
+    joints = np.array([[21.0, 12.0, 2], [5.0, 5.0, 2], [20.0, 10.0, 1]])
+    assert pointing_hit(cam, joints, radius=3.0) is True     # 2.24 px from the first joint
+    assert pointing_hit(cam, joints, radius=2.0) is False
+    assert pointing_hit(cam, joints[1:], radius=3.0) is False   # the occluded joint on the peak is not used
+    assert pointing_hit(cam, joints[1:], radius=3.0, min_visibility=1) is True
+    assert pointing_hit(cam, joints[2:], radius=3.0) is None    # no visible joint
+    assert pointing_hit(np.zeros_like(cam), joints, radius=3.0) is None
+    chance = pointing_chance((100, 100), np.array([[50.0, 50.0, 2]]), radius=10.0)
+    assert chance == pytest.approx(math.pi * 100 / 100 ** 2, rel=0.02)
+
+
+def test_cam_scores_average_over_images_with_baselines():
+    maps = np.zeros((2, 20, 10), np.float32)
+    maps[0, 5, 5] = 1.0                                     # in the box, on the joint
+    maps[1, 15, 2] = 1.0                                    # outside the box, far from the joint
+    boxes = np.array([[4, 4, 6, 6], [4, 4, 6, 6]], np.float32)
+    joints = np.array([[[5, 5, 2]], [[5, 5, 2]]], np.float32)
+    s = cam_scores({"stage1/feature": maps}, boxes, joints, np.array([1.5, 1.5]))
+    assert s["stage1"]["feature"] == {"energy_in_box": 0.5, "pointing_game": 0.5}
+    assert s["baseline"]["energy_in_box"] == pytest.approx(9 / 200, abs=1e-4)
+    assert s["baseline"]["pointing_game"] == pytest.approx(9 / 200, abs=1e-4)   # 3x3 pixels within 1.5 px
+    assert s["images"] == 2 and s["pointing_images"] == 2
+
+
+def test_crop_geometry():
+    size = (48, 64)
+    box = np.array([[100.0, 50.0, 120.0, 160.0]])           # aspect w/h 0.75 = the crop's
+    center, scale = box_to_center_scale(box, 0.75)
+    crop_box = box_in_crop(box, center, scale, size)[0]
+    np.testing.assert_allclose(crop_box, [24 - 24 / 1.25, 32 - 32 / 1.25, 24 + 24 / 1.25, 32 + 32 / 1.25], atol=1e-3)
+    r = pointing_radius(box, scale, size, 0.1)               # 0.1 * 160 frame px * (48 / 150) crop px per frame px
+    np.testing.assert_allclose(r, [0.1 * 160 * 48 / (scale[0, 0] * 200)], rtol=1e-5)
+    hm = np.zeros((1, 2, 16, 12), np.float32)
+    hm[0, 0, 7, 5] = 1.0                                    # flat neighbours: no quarter-pixel shift
+    hm[0, 1, 3, 9] = 1.0
+    pred = predictions_in_crop(hm, center, scale, size)[0]
+    np.testing.assert_allclose(pred, [[20, 28, 1], [36, 12, 1]], atol=1e-3)   # heatmap px * 4
+
+
+# --------------------------------------------------------------------------- pictures
+
+def test_overlay_grid_and_palette_png(tmp_path):
+    img = np.full((64, 48, 3), 128, np.uint8)
+    cam = np.zeros((16, 12), np.float32)
+    cam[:, 6:] = 1.0
+    over = cam_overlay(img, cam, label="S1 feature")
+    assert over.shape == (64, 48, 3) and over.dtype == np.uint8
+    assert over[40, 45, 2] > over[40, 45, 0] and over[40, 2, 0] > over[40, 2, 2]   # red high, blue low (BGR)
+    grid = tile_table([[img, None, img], [None, over]], pad=2)
+    assert grid.shape == (2 * 64 + 3 * 2, 3 * 48 + 4 * 2, 3)
+    write_png_palette(tmp_path / "x.png", grid)
+    back = cv2.imread(str(tmp_path / "x.png"))
+    assert back.shape == grid.shape and np.abs(back.astype(int) - grid).mean() < 3

@@ -1,0 +1,103 @@
+import contextlib
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from okdpose.model import MultiOutHRNet, save_checkpoint
+
+STAGE = Path(__file__).resolve().parents[1] / "stages" / "explain.py"
+PARAMS = {"data": {"image_size": [48, 64], "heatmap_size": [12, 16]},       # the tiny prepared crops
+          "model": {"width": 4, "n_stage": 3}, "loss": {"kld_couples": [[2, 3]]},
+          "explain": {"num_images": 2, "layers": ["stage3.3.branches.2"]}}
+
+
+class FakeRun:
+    def __init__(self, run_id):
+        self.id, self.metrics, self.artifacts = run_id, {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((str(path), artifact_path))
+
+
+class FakeTracker:
+    runs: list = []
+
+    @classmethod
+    def from_params(cls, params, root=None):
+        return cls()
+
+    @contextlib.contextmanager
+    def run(self, run_name=None, run_id=None, tags=None):
+        self.runs.append(FakeRun(run_id))
+        yield self.runs[-1]
+
+
+@pytest.fixture()
+def root(tmp_path, tiny_prepared, monkeypatch) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(tiny_prepared)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "models" / "model.pt", MultiOutHRNet(12, 4, 3))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("okdpose.tracking.Tracker", FakeTracker)
+    FakeTracker.runs = []
+    return tmp_path
+
+
+def run_stage() -> None:
+    runpy.run_path(str(STAGE), run_name="__main__")
+
+
+def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, capsys):
+    run_stage()                                     # no metrics/train.json yet: nothing logged
+    assert "nothing logged" in capsys.readouterr().out and FakeTracker.runs == []
+    pngs = sorted((root / "plots" / "explain").glob("*.png"))
+    npzs = sorted((root / "results" / "explain").glob("*.npz"))
+    assert len(pngs) == len(npzs) == 2 and [p.stem for p in pngs] == [p.stem for p in npzs]
+    assert all(p.stat().st_size < 300_000 for p in pngs)
+    with np.load(npzs[0]) as z:
+        assert z["crop"].shape == (64, 48, 3) and z["crop"].dtype == np.uint8
+        for layer in ("feature_taps.0", "intermediate_layers.0", "feature_taps.2", "intermediate_layers.2",
+                      "stage3.3.branches.2"):
+            assert z[layer].shape == (64, 48) and 0 <= z[layer].min() and z[layer].max() <= 1
+        assert z["pred_stage3"].shape == (12, 3) and z["box"].shape == (4,) and z["joints"].shape == (12, 3)
+    m = json.loads((root / "metrics" / "explain.json").read_text())
+    assert list(m) == ["split", "pointing_radius", "stage1", "stage2", "stage3", "extra", "baseline", "images",
+                       "pointing_images"]
+    assert list(m["stage2"]) == ["feature", "head"] and list(m["extra"]) == ["stage3.3.branches.2"]
+    for scores in (m["stage1"]["feature"], m["stage3"]["head"], m["extra"]["stage3.3.branches.2"]):
+        assert 0 <= scores["energy_in_box"] <= 1
+    assert m["images"] == 2 and 0 < m["baseline"]["energy_in_box"] < 1
+
+    (root / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
+    run_stage()                                     # same seed: the same images
+    assert sorted(p.stem for p in (root / "plots" / "explain").glob("*.png")) == [p.stem for p in pngs]
+    (run,) = FakeTracker.runs
+    assert run.id == "abc123"
+    assert run.metrics["explain.stage3.head.energy_in_box"] == m["stage3"]["head"]["energy_in_box"]
+    assert run.artifacts == [("plots/explain", "explain"), ("metrics/explain.json", "explain")]
+
+
+@pytest.mark.parametrize("change, words", [
+    ("no model", ["models/model.pt", "dvc repro train-okd"]),
+    ({"explain": {"layers": ["stage3.9"]}}, ["'stage3.9'", "feature_taps.0", "stage3.3.branches.2"]),
+])
+def test_stage_errors_name_the_fix(root, change, words):
+    if change == "no model":
+        (root / "models" / "model.pt").unlink()
+    else:
+        (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, **change}))
+    with pytest.raises(SystemExit) as err:
+        run_stage()
+    for w in words:
+        assert w in str(err.value)
+    assert not (root / "metrics" / "explain.json").exists()
