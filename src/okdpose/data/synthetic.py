@@ -38,6 +38,7 @@ W, H = FRAME_SIZE
 FOCAL = 575.0
 U0, V0 = (W - 1) / 2, (H - 1) / 2
 PNG_COMPRESSION = 1             # zlib level: fastest to write; level 3+ saves <10% and decodes ~30% faster
+YAW_CHOICES = {1: [0.0], 2: [0.0, 180.0], 4: [0.0, 90.0, 180.0, 270.0]}   # crib orientations (deg)
 POSE_CORRELATION = 0.6          # AR(1) coefficient of the joint-angle walk between frames
 
 # part labels (body 1..15, occluders >= 20)
@@ -72,6 +73,7 @@ class SyntheticConfig:
     occluder_prob: float = 0.6
     noise_mm: float = 4.0
     camera_height: tuple[float, float] = (550.0, 900.0)
+    orientations: int = 1
     out_of_frame_prob: float = 0.15
     box_jitter: float = 0.06
     false_positive_prob: float = 0.05
@@ -194,7 +196,9 @@ class Subject:
     noise_gain: float
 
 
-def make_subject(sid: int, seed: int, camera_height: tuple[float, float]) -> Subject:
+def make_subject(sid: int, seed: int, camera_height: tuple[float, float], orientations: int = 1) -> Subject:
+    """A subject's body, crib and camera set-up. `orientations` 1: the crib is the same way up in every
+    subject's image (a camera fixed to the crib, as BabyPose); 2 or 4: turned 180 deg or any 90 deg."""
     rng = np.random.default_rng([seed, sid])
     k = rng.uniform(0.85, 1.15)                         # overall body size (gestational age)
 
@@ -209,7 +213,7 @@ def make_subject(sid: int, seed: int, camera_height: tuple[float, float]) -> Sub
     return Subject(
         sid=sid, size=size,
         camera_height=float(rng.uniform(*camera_height)),
-        yaw=float(rng.choice([0.0, 90.0, 180.0, 270.0]) + rng.normal(0, 15)),
+        yaw=float(rng.choice(YAW_CHOICES[orientations]) + rng.normal(0, 15)),
         tilt=(float(rng.normal(0, 3)), float(rng.normal(0, 3))),
         crib=(float(rng.uniform(230, 320)), float(rng.uniform(340, 430)), float(rng.uniform(120, 260))),
         body_angle=float(rng.normal(0, 12)),
@@ -613,7 +617,7 @@ def generate_dataset(root: str | Path, cfg: SyntheticConfig, spec: JointSpec = B
 
 def _render_subject(job) -> tuple[str, list, list, list]:
     root, split, sid, cfg, category_id = job
-    subject = make_subject(sid, cfg.seed, cfg.camera_height)
+    subject = make_subject(sid, cfg.seed, cfg.camera_height, cfg.orientations)
     images, anns, dets = [], [], []
     for frame, pose in enumerate(pose_walk(subject, cfg.seed, cfg.frames_per_subject)):
         rng = np.random.default_rng([cfg.seed, sid, 2, frame])
@@ -646,7 +650,7 @@ def config_from_params(p) -> SyntheticConfig:
 def iter_frames(cfg: SyntheticConfig, split: str = "train") -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
     """(image_id, depth, joints) for a split without writing files (for notebooks and tests)."""
     for sid in split_subjects(cfg.subjects)[split]:
-        subject = make_subject(sid, cfg.seed, cfg.camera_height)
+        subject = make_subject(sid, cfg.seed, cfg.camera_height, cfg.orientations)
         for frame, pose in enumerate(pose_walk(subject, cfg.seed, cfg.frames_per_subject)):
             depth, kps, *_ = render_frame(subject, pose, np.random.default_rng([cfg.seed, sid, 2, frame]), cfg)
             yield image_id_for(sid, frame), depth, kps
