@@ -42,7 +42,6 @@ def main() -> None:
     costs = stage_costs_table(model, d.image_size)
     stages = {name: {**m, **costs[name]} for name, m in report.metrics.items()}
     metrics = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test, **stages}
-    write_json(METRICS, _finite(metrics))
     with atomic_dir(RESULTS) as tmp:
         for name, results in report.results.items():
             write_json(tmp / f"predictions_{name}.json", results, indent=None)
@@ -51,6 +50,7 @@ def main() -> None:
         _write_csv(tmp / "per_joint.csv", per_joint_rows(report, spec))
         for i, picture in enumerate(pose_examples(ds, preds, report, e.num_images)):
             write_png_palette(tmp / f"example_{i}.png", picture)   # palette: ~20 KB each
+    write_json(METRICS, _finite(metrics))          # last: metrics exist only for a complete run
     _log_to_training_run(p, metrics)
     print("evaluate: " + ", ".join(f"{n} AP {m['AP']:.3f}" for n, m in stages.items())
           + f" ({e.split}) -> {METRICS}, {RESULTS}/, {PLOTS}/")

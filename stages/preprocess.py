@@ -3,14 +3,13 @@ ground truth, cached crops), metrics/data.json (counts, visibility, box statisti
 records) and plots/data/*.png (frames and crops with the ground-truth skeleton)."""
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from okdpose.data.coco import DataError, prepare_dataset, preview
 from okdpose.data.layout import LayoutError
-from okdpose.files import write_json
+from okdpose.files import atomic_dir, write_json
 from okdpose.params import ParamsError, load_params
 from okdpose.viz import write_png
 
@@ -23,11 +22,11 @@ def main() -> None:
     start = time.perf_counter()
     report = prepare_dataset(RAW / d.name, PREPARED, d.joint_spec, d.image_size, d.depth_range,
                              skip_invalid=d.skip_invalid, progress=sys.stderr.isatty())
-    write_json(METRICS, report)
-    shutil.rmtree(PLOTS, ignore_errors=True)
-    for split in report["splits"]:
-        write_png(PLOTS / f"{split}_frames.png", preview(PREPARED, split, d.joint_spec, num=6))
-        write_png(PLOTS / f"{split}_crops.png", preview(PREPARED, split, d.joint_spec, num=16, crops=True))
+    with atomic_dir(PLOTS) as plots:           # replaced as a whole: no mix of old and new pictures
+        for split in report["splits"]:
+            write_png(plots / f"{split}_frames.png", preview(PREPARED, split, d.joint_spec, num=6))
+            write_png(plots / f"{split}_crops.png", preview(PREPARED, split, d.joint_spec, num=16, crops=True))
+    write_json(METRICS, report)                # last: the report exists only for a complete run
     t = report["total"]
     print(f"preprocess: {t['records_gt']} records ({t['skipped_invalid']} invalid skipped) -> {PREPARED}, "
           f"{METRICS}, {PLOTS}/ in {time.perf_counter() - start:.1f} s")

@@ -21,10 +21,6 @@ def x() -> torch.Tensor:
     return torch.randn(1, 3, 64, 32, generator=torch.Generator().manual_seed(1))
 
 
-class NotATensor:
-    pass
-
-
 def test_save_and_load_model_round_trip(tmp_path):
     model = tiny()
     path = tmp_path / "sub" / "model.pt"
@@ -95,31 +91,8 @@ def test_foreign_keys_are_reported_unused(tmp_path, caplog):
     assert report.unused == ["extra_head.weight"] and "unused" in caplog.text
 
 
-def write_garbage(path):
-    path.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
-
-
-@pytest.mark.parametrize("make, words", [
-    (write_garbage, ["not a checkpoint torch can load safely"]),
-    (lambda p: torch.save(torch.zeros(3), p), ["holds a Tensor"]),
-    (lambda p: torch.save({"conv1.weight": NotATensor()}, p), ["not a checkpoint torch can load safely"]),
-    (lambda p: torch.save({"conv1.weight": [1, 2]}, p), ["'conv1.weight' holds a list"]),
-    (lambda p: torch.save({}, p), ["no tensors"]),
-    (lambda p: torch.save(torch.nn.Linear(3, 2).state_dict(), p), ["not an HRNet pose checkpoint"]),
-    (lambda p: torch.save(tiny(width=8).state_dict(), p), ["width-4", "model.width: 8"]),
-    (lambda p: save_checkpoint(p, tiny(width=8)), ["width 8", "model.width: 8"]),
-])
-def test_bad_checkpoints_are_clear_errors(tmp_path, make, words):
-    path = tmp_path / "bad.pth"
-    make(path)
-    model = MultiOutHRNet(J, WIDTH, 4)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(CheckpointError) as err:
-        load_pretrained(model, path)
-    for w in [str(path), *words]:
-        assert w in str(err.value)
-    after = model.state_dict()
-    assert all(torch.equal(v, after[k]) for k, v in before.items())   # nothing half-loaded
+# Files that are not checkpoints (garbage, text, pickled lists or code, truncated, empty, wrong
+# width): the CHECKPOINT_CASES table in tests/test_bad_inputs.py.
 
 
 def test_missing_file_and_foreign_files_for_load_model(tmp_path):

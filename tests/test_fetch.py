@@ -1,12 +1,11 @@
-"""fetch: local copies, safe archive extraction, and http downloads from a server on 127.0.0.1
-that the tests start and stop themselves (Range support, dropped connections, tampered files)."""
+"""fetch: local copies, archive extraction, and http downloads from a server on 127.0.0.1 that the
+tests start and stop themselves (Range support, dropped connections). Refused inputs (unsafe or
+damaged archives, wrong checksums, tampered or truncated downloads) are in tests/test_bad_inputs.py."""
 import hashlib
 import http.server
-import io
 import json
 import os
 import shutil
-import stat
 import tarfile
 import threading
 import zipfile
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from okdpose.data.fetch import ChecksumError, FetchError, UnsafeArchiveError, download, extract_archive, fetch_raw
+from okdpose.data.fetch import download, fetch_raw
 from okdpose.data.layout import LayoutError, validate_layout
 
 
@@ -78,57 +77,8 @@ def test_archive_with_a_top_folder(tiny_raw, tmp_path, fmt):
     assert _leftovers(dest.parent) == ["babypose"]
 
 
-def test_archive_checksum_refused(tiny_raw, tmp_path):
-    archive = _zip_layout(tiny_raw, tmp_path / "data.zip")
-    with pytest.raises(ChecksumError, match="sha256 mismatch"):
-        fetch_raw(tmp_path / "raw" / "babypose", "archive", path=str(archive), sha256="0" * 64, progress=False)
-    assert _leftovers(tmp_path / "raw") == []
-
-
-def _zip_with(tmp_path, name, data=b"x", mode=None):
-    path = tmp_path / "evil.zip"
-    with zipfile.ZipFile(path, "w") as zf:
-        info = zipfile.ZipInfo(name)
-        if mode is not None:
-            info.external_attr = mode << 16
-        zf.writestr(info, data)
-    return path
-
-
-@pytest.mark.parametrize("name", ["../evil.txt", "a/../../evil.txt", "/tmp/okdpose-evil.txt", "..\\evil.txt"])
-def test_zip_slip_refused(tmp_path, name):
-    target = tmp_path / "out" / "inner"
-    with pytest.raises(UnsafeArchiveError, match="refusing"):
-        extract_archive(_zip_with(tmp_path, name), target)
-    assert not (tmp_path / "out" / "evil.txt").exists() and not Path("/tmp/okdpose-evil.txt").exists()
-
-
-def test_zip_symlink_refused(tmp_path):
-    with pytest.raises(UnsafeArchiveError, match="symlink"):
-        extract_archive(_zip_with(tmp_path, "link", b"/etc/passwd", stat.S_IFLNK | 0o777), tmp_path / "out")
-
-
-@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
-def test_tar_links_refused(tmp_path, kind):
-    path = tmp_path / "evil.tar.gz"
-    with tarfile.open(path, "w:gz") as tf:
-        info = tarfile.TarInfo("annotations/person_keypoints_train.json")
-        info.type, info.linkname = kind, "/etc/passwd"
-        tf.addfile(info)
-    with pytest.raises(UnsafeArchiveError, match="link"):
-        extract_archive(path, tmp_path / "out")
-    assert not (tmp_path / "out" / "annotations" / "person_keypoints_train.json").exists()
-
-
-def test_tar_member_escaping_refused(tmp_path):
-    path = tmp_path / "evil.tar"
-    with tarfile.open(path, "w") as tf:
-        info = tarfile.TarInfo("../escape.txt")
-        info.size = 1
-        tf.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(UnsafeArchiveError):
-        extract_archive(path, tmp_path / "out")
-    assert not (tmp_path / "escape.txt").exists()
+# Wrong sha256, zip slip (zip and tar, absolute and ..), symlink / hard link / special members and
+# damaged archives: the ARCHIVE_CASES table in tests/test_bad_inputs.py.
 
 
 # --------------------------------------------------------------------------- http
@@ -216,17 +166,9 @@ def test_url_resumes_a_dropped_transfer(tiny_raw, tiny_zip, tmp_path, server):
     assert len(server.requests) == 2
 
 
-def test_url_resumes_in_a_later_run(tiny_zip, tmp_path, server):
-    server.files["/babypose.zip"] = tiny_zip.read_bytes()
-    server.drop = [70_000, 50_000]
-    out = tmp_path / "dl" / "babypose.zip"
-    with pytest.raises(FetchError, match="run again to resume"):
-        download(server.url("/babypose.zip"), out, _sha(tiny_zip), retries=1, backoff=0, progress=False)
-    part = tmp_path / "dl" / "babypose.zip.part"
-    assert part.stat().st_size == 120_000 and not out.exists()
-    download(server.url("/babypose.zip"), out, _sha(tiny_zip), retries=0, progress=False)
-    assert out.read_bytes() == tiny_zip.read_bytes() and not part.exists()
-    assert [r for _, r in server.requests] == [None, "bytes=70000-", "bytes=120000-"]
+# Dropped connections on every retry (.part kept, resumed by the next run), tampered and truncated
+# downloads, HTTP errors: DOWNLOAD_CASES and test_interrupted_download_is_kept_and_resumed in
+# tests/test_bad_inputs.py.
 
 
 def test_url_complete_part_is_verified_not_refetched(tiny_zip, tmp_path, server):
@@ -235,22 +177,6 @@ def test_url_complete_part_is_verified_not_refetched(tiny_zip, tmp_path, server)
     download(server.url("/babypose.zip"), tmp_path / "babypose.zip", _sha(tiny_zip), progress=False)
     assert server.requests[0][1] == f"bytes={tiny_zip.stat().st_size}-"     # answered 416, then verified
     assert (tmp_path / "babypose.zip").read_bytes() == tiny_zip.read_bytes()
-
-
-def test_url_tampered_file_refused_and_removed(tiny_zip, tmp_path, server):
-    data = bytearray(tiny_zip.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    server.files["/babypose.zip"] = bytes(data)
-    dest = tmp_path / "raw" / "babypose"
-    with pytest.raises(ChecksumError, match="sha256 mismatch"):
-        fetch_raw(dest, "url", url=server.url("/babypose.zip"), sha256=_sha(tiny_zip), download_dir=tmp_path / "dl",
-                  progress=False)
-    assert _leftovers(tmp_path / "dl") == [] and _leftovers(tmp_path / "raw") == []
-
-
-def test_url_http_error_is_reported(tmp_path, server):
-    with pytest.raises(FetchError, match="HTTP 404"):
-        download(server.url("/missing.zip"), tmp_path / "x.zip", "0" * 64, progress=False)
 
 
 def test_url_archive_not_in_the_layout(tiny_raw, tmp_path, server):

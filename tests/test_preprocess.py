@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from okdpose.data.coco import (DataError, crops_path, load_meta, load_records, prepare_dataset, read_frame, to_uint8)
-from okdpose.data.layout import annotation_file, detection_file, image_file
+from okdpose.data.layout import annotation_file, detection_file
 from okdpose.data.transforms import box_to_center_scale, crop
 from okdpose.joints import BABYPOSE12, COCO17
 
@@ -99,72 +99,8 @@ def _edit_annotations(raw, split, fn):
     return coco
 
 
-def _kp_outside(c):
-    c["annotations"][1]["keypoints"][0:3] = [700.0, 10.0, 2]
-
-
-def _joint_count(c):
-    c["annotations"][1]["keypoints"] = c["annotations"][1]["keypoints"][:33]
-
-
-def _nan(c):
-    c["annotations"][1]["keypoints"][4] = float("nan")
-
-
-def _box(c):
-    c["annotations"][1]["bbox"] = [600.0, 10.0, 100.0, 50.0]
-
-
-def _dup_image(c):
-    c["images"].append(dict(c["images"][1]))
-
-
-CASES = {  # name: (edit, expected words in the message besides the file and image id)
-    "keypoint_outside": (_kp_outside, "keypoints[0]"),
-    "joint_count": (_joint_count, "expected 12"),
-    "non_finite": (_nan, "non-finite"),
-    "box_outside": (_box, "bbox"),
-    "duplicate_image": (_dup_image, "duplicate image id"),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_annotation_fails_or_is_skipped(tiny_raw, tmp_path, case):
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    edit, words = CASES[case]
-    coco = _edit_annotations(raw, "train", edit)
-    bad_id = coco["images"][1]["id"]
-    out = tmp_path / "prepared"
-    with pytest.raises(DataError) as err:
-        _prepare(raw, out)
-    msg = str(err.value)
-    assert "person_keypoints_train.json" in msg and f"image {bad_id}" in msg and words in msg
-    assert "skip_invalid" in msg and not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
-    report = _prepare(raw, out, skip_invalid=True)
-    tr = report["splits"]["train"]
-    assert tr["skipped"]["invalid_records"] == 1 and tr["records_gt"] == 2
-    assert bad_id not in load_records(out, "train").image_id
-    gt = json.loads((out / "train_gt.json").read_text())
-    assert bad_id not in {a["image_id"] for a in gt["annotations"]} | {i["id"] for i in gt["images"]}
-    assert bad_id not in load_records(out, "train", "det").image_id
-
-
-@pytest.mark.parametrize("case", ["unreadable", "size"])
-def test_bad_image_file(tiny_raw, tmp_path, case):
-    raw = tmp_path / "raw"
-    shutil.copytree(tiny_raw, raw)
-    iid = json.loads(annotation_file(raw, "test").read_text())["images"][2]["id"]
-    path = image_file(raw, "test", iid)
-    if case == "unreadable":
-        path.write_bytes(b"not a png")
-    else:
-        cv2.imwrite(str(path), cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[:240])
-    with pytest.raises(DataError) as err:
-        _prepare(raw, tmp_path / "prepared")
-    assert f"{path}: image {iid}: {'file' if case == 'unreadable' else 'width/height'}" in str(err.value)
-    assert not (tmp_path / "prepared").exists()
-    assert _prepare(raw, tmp_path / "prepared", skip_invalid=True)["splits"]["test"]["skipped"]["invalid_images"] == 1
+# Bad annotations and bad frames (fail with file, image id and field; skip_invalid skips and counts):
+# the DATA_CASES table in tests/test_bad_inputs.py.
 
 
 def test_empty_split_and_bad_files(tiny_raw, tmp_path):

@@ -100,11 +100,19 @@ def read_frame(path: str | Path, depth_range: Sequence[float]) -> np.ndarray:
     """Read a frame file as uint8 (H, W, C); DataError naming the file when it cannot be used."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise DataError(f"{path}: missing or not a readable image")
+        raise DataError(f"{path}: {unreadable_image(Path(path))}")
     try:
         return to_uint8(img, depth_range)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+
+
+def unreadable_image(path: Path) -> str:
+    """Why OpenCV returned no image for `path`, and what to do about it."""
+    if not path.is_file():
+        return f"image file not found (expected {path.name} in {path.parent}); add the frame or remove its entry"
+    return (f"cannot be decoded as an image ({path.stat().st_size} bytes: corrupt or truncated); "
+            "replace the file (re-export or re-download it)")
 
 
 # --------------------------------------------------------------------------- records
@@ -148,8 +156,11 @@ def load_meta(prepared: str | Path) -> dict:
     path = Path(prepared) / "meta.json"
     if not path.is_file():
         raise DataError(f"{path}: not found; run the preprocess stage (dvc repro preprocess)")
-    meta = json.loads(path.read_text())
-    if meta.get("version") != PREPARED_VERSION:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); re-run the preprocess stage (dvc repro -f preprocess)") from None
+    if not isinstance(meta, dict) or meta.get("version") != PREPARED_VERSION:
         raise DataError(f"{path}: prepared format version {meta.get('version')} != {PREPARED_VERSION}; re-run preprocess")
     return meta
 
@@ -219,7 +230,7 @@ def scan_split(root: Path, split: str, spec: JointSpec) -> SplitScan:
             bad(None, "images[].id", f"missing or not an integer: {str(im)[:80]}")
             continue
         if iid in scan.images:
-            bad(iid, "id", "duplicate image id")
+            bad(iid, "id", "duplicate image id (image ids must be unique in the file)")
             continue
         w, h = im.get("width"), im.get("height")
         if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
@@ -237,8 +248,11 @@ def scan_split(root: Path, split: str, spec: JointSpec) -> SplitScan:
         if not isinstance(iid, int) or iid not in scan.images:
             bad(None, "image_id", f"annotation {aid} refers to unknown image {iid!r}")
             continue
-        if not isinstance(aid, int) or aid in seen_ann:
-            bad(iid, "id", f"annotation id {aid!r} missing, not an integer or duplicate")
+        if not isinstance(aid, int) or isinstance(aid, bool):
+            bad(iid, "id", f"annotation id {aid!r} is missing or not an integer")
+            continue
+        if aid in seen_ann:
+            bad(iid, "id", f"duplicate annotation id {aid} (annotation ids must be unique in the file)")
             continue
         seen_ann.add(aid)
         if ann.get("category_id") != spec.category_id:
@@ -348,8 +362,9 @@ def prepare_dataset(raw_root: str | Path, out_dir: str | Path, spec: JointSpec, 
             if not skip_invalid:
                 _raise_issues(scan, split)
             if info["records_gt"] == 0:
-                raise DataError(f"split {split!r} of {raw_root} has no valid annotated record "
-                                f"({len(scan.issues)} invalid, skipped: {dict(scan.skipped)}); it cannot be used")
+                raise DataError(f"{annotation_file(raw_root, split)}: split {split!r} has no valid annotated record "
+                                f"({len(scan.issues)} invalid, skipped: {dict(scan.skipped)}); it cannot be used: "
+                                "add annotated frames to it (every split needs at least one)")
             meta["splits"][split] = {k: info.pop(k) for k in ("channels", "frame_size")} | {
                 "gt": info["records_gt"], "det": info["records_det"]}
             report["splits"][split] = info
@@ -389,12 +404,13 @@ def _prepare_split(raw_root: Path, out: Path, split: str, scan: SplitScan, spec:
         im = scan.images[iid]
         raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if raw is None:
-            scan.issues.append(Issue(str(path), iid, "file", "missing or not a readable image"))
+            scan.issues.append(Issue(str(path), iid, "file", unreadable_image(path)))
             scan.bad_images.add(iid)
             continue
         if raw.shape[:2] != (im["height"], im["width"]):
             scan.issues.append(Issue(str(path), iid, "width/height",
-                                     f"file is {raw.shape[1]}x{raw.shape[0]}, annotation says {im['width']}x{im['height']}"))
+                                     f"file is {raw.shape[1]}x{raw.shape[0]}, annotation says {im['width']}x{im['height']} "
+                                     f"(in {annotation_file(raw_root, split)}); fix the JSON or replace the frame"))
             scan.bad_images.add(iid)
             continue
         try:

@@ -18,7 +18,9 @@ and only then moved into place: everything is built in a temporary folder beside
 """
 from __future__ import annotations
 
+import gzip
 import http.client
+import lzma
 import os
 import shutil
 import socket
@@ -29,6 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
@@ -150,11 +153,16 @@ def extract_archive(archive: str | Path, dest: str | Path) -> int:
     """Safely extract a zip or tar archive into `dest`; refuse any member that could escape it."""
     archive, dest = Path(archive), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        return _extract_zip(archive, dest)
-    if tarfile.is_tarfile(archive):
-        return _extract_tar(archive, dest)
-    raise FetchError(f"{archive}: not a zip or tar archive (supported: .zip, .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
+    try:
+        if zipfile.is_zipfile(archive):
+            return _extract_zip(archive, dest)
+        if tarfile.is_tarfile(archive):
+            return _extract_tar(archive, dest)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
+        raise FetchError(f"{archive}: damaged or truncated archive ({type(e).__name__}: {e}); download or copy it "
+                         "again (set data.sha256 to catch this before extracting)") from None
+    raise FetchError(f"{archive}: not a zip or tar archive, or a truncated one (supported: .zip, .tar, .tar.gz, .tgz, "
+                     ".tar.bz2, .tar.xz); check data.path / data.url, or download it again")
 
 
 def _member_target(dest: Path, name: str, archive: Path) -> Path:
