@@ -1,6 +1,7 @@
 # okdpose: the two set-up commands of the README, plus a few conveniences.
 #   make repro   create .venv, install, run the whole DVC pipeline on the built-in data
 #   make test    create .venv, install, run the test suite (what CI runs through .ci/run)
+#                (as root with apt-get it also installs Chromium for the offline plots test)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # stage commands in dvc.yaml call `python`: make it the project's interpreter
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench browser clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +27,21 @@ setup: $(STAMP)
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# tests/test_plots_offline.py opens the plots page in headless Chromium (skipped without it):
+# install it when this runs as root with apt-get (a CI container; ~40 s); quiet, time-limited,
+# never fatal. OKDPOSE_NO_BROWSER=1 skips the attempt.
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@if [ ! -x "$(CHROMIUM)" ] && [ -z "$$OKDPOSE_NO_BROWSER" ] && [ "$$(id -u)" = 0 ] \
+	    && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the offline plots test (OKDPOSE_NO_BROWSER=1 skips this)"; \
+	  { export DEBIAN_FRONTEND=noninteractive; timeout 240 apt-get update -qq \
+	    && timeout 300 apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+	  || echo "could not install chromium: the offline plots test will be skipped"; \
+	fi
 
 bench: setup
 	$(BIN)/python -m okdpose.bench --quick

@@ -272,7 +272,8 @@ def test_okd_detach_teacher_leaves_teacher_gradient_to_its_mse():
 def test_okd_from_params_and_bad_configs():
     p = Params().validate()
     loss = OKDLoss.from_params(p.loss, p.output_stages())
-    assert loss.output_stages == (1, 2, 3, 4) and loss.couples == ((3, 4),) and loss.student_stages == (3,)
+    assert loss.output_stages == (1, 2, 3, 4) and loss.couples == ((1, 4), (2, 4), (3, 4))
+    assert loss.student_stages == (1, 2, 3)
     p2 = params_from_dict({"model": {"multi": False}, "loss": {"use_kld": False}})
     loss2 = OKDLoss.from_params(p2.loss, p2.output_stages())
     assert loss2.output_stages == (4,) and loss2.student_stages == ()

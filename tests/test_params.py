@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_repository_params_load_and_match_defaults():
     p = load_params(ROOT / "params.yaml")
     assert p == Params().validate(), "params.yaml and the dataclass defaults have drifted apart"
-    assert p.kd_stages() == (3, 4)
+    assert p.kd_stages() == (1, 2, 3, 4)
     assert p.output_stages() == (1, 2, 3, 4)
     assert p.flat()["loss.kld_weight"] == p.loss.kld_weight
 

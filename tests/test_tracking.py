@@ -130,7 +130,7 @@ def test_run_logs_params_metrics_artifacts(env, store_root, tmp_path, caplog, ca
     assert got.info.status == "FINISHED" and got.info.run_name == "exp-kld05"
     assert client.get_experiment(got.info.experiment_id).name == "okd-test"
     assert got.data.params["loss.kld_weight"] == str(params["loss.kld_weight"])
-    assert got.data.params["loss.kld_couples"] == "[[3, 4]]"
+    assert got.data.params["loss.kld_couples"] == str(params["loss.kld_couples"])   # a list, as str()
     assert len(got.data.params["long"]) == MAX_PARAM_VALUE and got.data.params["long"].endswith("[truncated]")
     assert [m.value for m in client.get_metric_history(run.id, "stage4.AP")] == pytest.approx([0.0, 0.1, 0.2])
     assert [m.step for m in client.get_metric_history(run.id, "stage4.AP")] == [0, 1, 2]

@@ -196,3 +196,25 @@ def test_early_stopping_on_the_selection_stages(sets, tmp_path):
     assert math.isclose(result.best_score, 0.5)
     assert selection_score({"stage1": {"AP": -1.0}, "stage2": {"AP": float("nan")}, "stage3": {"AP": 0.6}},
                            (1, 2, 3)) == pytest.approx(0.2)
+
+
+def _record(epoch, teacher_ap, total, kl, kl_weight):
+    train = {"total": total, "mse_teacher": total / 2, "kl_weight": kl_weight}
+    if kl is not None:
+        train["kl_3_4"] = kl
+    return {"epoch": epoch, "train": train, "val": {"stage3": {"AP": 0.1}, "stage4": {"AP": teacher_ap}}}
+
+
+def test_kd_diagnostics_make_a_dominating_kl_term_visible():
+    from okdpose.train import kd_diagnostics, kd_warning
+
+    assert kd_diagnostics([_record(1, 0.5, 1.0, None, 0.0)]) is None       # no KL term: nothing to say
+    mild = [_record(1, 0.3, 1.0, 0.1, 1.0), _record(2, 0.5, 1.0, 0.1, 1.0)]
+    kd = kd_diagnostics(mild)
+    assert kd == {"kl_share": 0.1, "teacher_AP_peak": 0.5, "teacher_AP_final": 0.5}
+    assert kd_warning(kd) is None
+    strong = [_record(1, 0.4, 1.0, 0.1, 8.0), _record(2, 0.2, 1.0, 0.1, 8.0)]   # 0.8 of the loss is KL
+    kd = kd_diagnostics(strong)
+    assert kd["kl_share"] == pytest.approx(0.8) and kd["teacher_AP_peak"] == 0.4 and kd["teacher_AP_final"] == 0.2
+    msg = kd_warning(kd)
+    assert "80%" in msg and "0.400" in msg and "0.200" in msg and "loss.kld_weight" in msg

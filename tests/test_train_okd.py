@@ -187,5 +187,6 @@ def test_dvc_yaml_train_okd_lists_what_the_stage_reads():
         assert path in deps, path
     assert all((ROOT / d).exists() or d.startswith(("data/", "models/", "metrics/")) for d in deps)
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
-    assert outs == ["models/model.pt", "models/last.pt"]
+    assert outs == ["models/model.pt", "models/last.pt", "plots/train"]
     assert stage["outs"][1] == {"models/last.pt": {"persist": True}}
+    assert stage["outs"][2] == {"plots/train": {"cache": False}}      # drawn by the top-level plots

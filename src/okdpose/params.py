@@ -38,6 +38,7 @@ class SyntheticParams:
     occluder_prob: float = 0.6                      # scales the chance of a blanket / cables / caregiver hand per frame
     noise_mm: float = 4.0                           # depth noise std (mm) at 800 mm, growing with distance^2
     camera_height: tuple[float, float] = (550.0, 900.0)   # mm above the mattress, drawn per subject
+    orientations: int = 1                           # crib orientations in the image: 1 (fixed camera, as BabyPose), 2 or 4
     out_of_frame_prob: float = 0.15                 # frames whose camera shift pushes joints out of the frame (v = 0)
     box_jitter: float = 0.06                        # detection boxes: relative std of centre / size noise
     false_positive_prob: float = 0.05               # detection boxes: chance of an extra low-score box per frame
@@ -51,6 +52,8 @@ class SyntheticParams:
             _check_prob(getattr(self, key), f"{where}.{key}")
         if self.noise_mm < 0:
             raise ParamsError(f"{where}.noise_mm must be >= 0, got {self.noise_mm}")
+        if self.orientations not in (1, 2, 4):
+            raise ParamsError(f"{where}.orientations must be 1, 2 or 4, got {self.orientations}")
         lo, hi = self.camera_height
         if not 300 <= lo <= hi <= 1500:
             raise ParamsError(f"{where}.camera_height must be [low, high] mm with 300 <= low <= high <= 1500, got {[lo, hi]}")
@@ -153,13 +156,16 @@ class ModelParams:
 class LossParams:
     use_mse: bool = True               # deep supervision: MSE to ground truth for students in couples
     use_kld: bool = True
-    kld_couples: tuple[tuple[int, int], ...] = ((3, 4),)   # 1-based (student, teacher)
-    kld_weight: float = 1.0            # ours; original KLD_WEIGHT w -> w * J / (H * W)
+    # CPU default: every student distils from the teacher (deep supervision of stages 1-2 speeds
+    # the from-scratch teacher up ~3x at this scale; measured, see train-okd report); paper: ((3, 4),)
+    kld_couples: tuple[tuple[int, int], ...] = ((1, 4), (2, 4), (3, 4))   # 1-based (student, teacher)
+    kld_weight: float = 1.0            # ours; original KLD_WEIGHT w -> w * J / (H * W); >= 3 collapsed the teacher here
     teacher_weight: float = 1.0
     temperature: float = 1.0
     detach_teacher: bool = False       # False reproduces the original (gradients reach the teacher)
     use_target_weight: bool = False
-    rampup_epochs: float = 0.0         # sigmoid consistency ramp-up of the KL weight (original TRAIN.LENGTH)
+    rampup_epochs: float = 3.0         # sigmoid ramp-up of the KL weight (original TRAIN.LENGTH), at the
+                                       # fractional epoch (epoch - 1 + step / steps); 0: off
 
     def validate(self, where: str) -> None:
         for key in ("kld_weight", "teacher_weight", "rampup_epochs"):
@@ -172,9 +178,9 @@ class LossParams:
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int = 12
-    batch_size: int = 32
+    batch_size: int = 8                # small batches: more optimiser steps in the CPU budget (measured)
     lr: float = 1e-3
-    lr_steps: tuple[int, ...] = (9, 11)
+    lr_steps: tuple[int, ...] = (9, 11)  # lr *= lr_factor after each of these (1-based) epochs
     lr_factor: float = 0.33
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.9
@@ -294,7 +300,7 @@ class Params:
             if t <= s:
                 raise ParamsError(f"{where}: the teacher stage ({t}) must come after the student stage ({s}); write [student, teacher]")
             if (s, t) in seen:
-                raise ParamsError(f"{where}: duplicate couple")
+                raise ParamsError(f"{where}: duplicate couple; list each [student, teacher] once")
             seen.add((s, t))
 
     # ------------------------------------------------------------------ derived views

@@ -306,6 +306,35 @@ def _client(tracking_uri: str) -> Any:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri)
+    if not tracking_uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=tracking_uri)
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates / migrates the schema on first use; two processes doing that at once (queued
+    # experiments started with -j 2 on a new store) fail with "table runs already exists" or
+    # "duplicate column name" and lose their run: one process at a time, the others then find it done
+    with _store_lock(db):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    return client
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path) -> Iterator[None]:
+    """An exclusive inter-process lock for the sqlite store `db` (a lock file in the temp folder,
+    so the repository stays clean; no lock where fcntl is missing)."""
+    import hashlib
+    import tempfile
+
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    key = hashlib.sha256(str(db.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"okdpose-mlflow-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

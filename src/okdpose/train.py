@@ -82,8 +82,8 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """Adam (the original) or SGD with momentum; weight decay on every parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":       # fused: one kernel for all parameters; optimiser step 3-4x faster on CPU (okdpose.bench)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"train.optimizer is {name!r}; choose adam or sgd")
@@ -148,7 +148,7 @@ def files_digest(paths: Sequence[str | Path]) -> str:
 def code_digest() -> str:
     """Digest of the okdpose sources that decide a training result (as the train-okd deps)."""
     pkg = Path(__file__).resolve().parent
-    names = ["train.py", "losses.py", "codec.py", "inference.py", "metrics.py", "joints.py", "data", "model"]
+    names = ["train.py", "distributed.py", "losses.py", "codec.py", "inference.py", "metrics.py", "joints.py", "data", "model"]
     return files_digest([pkg / n for n in names if (pkg / n).exists()])
 
 
@@ -211,7 +211,7 @@ def summarize(result: TrainResult, select_stages: Sequence[int],
     def stages(rec: Mapping[str, Any]) -> dict[str, Any]:
         return {s: {k: v[k] for k in keys if k in v} for s, v in rec["val"].items()}
 
-    return {
+    out = {
         "best": {"epoch": result.best_epoch, "score": result.best_score, **stages(best)},
         "final": {"epoch": final["epoch"], "score": final["score"], **stages(final),
                   "loss": dict(final["train"])},
@@ -222,6 +222,42 @@ def summarize(result: TrainResult, select_stages: Sequence[int],
         "train_img_per_s": round(images / seconds, 3) if seconds > 0 else None,
         "train_seconds": round(seconds, 1),
     }
+    kd = kd_diagnostics(result.history)
+    if kd is not None:
+        out["kd"] = kd
+    return out
+
+
+KL_SHARE_WARN = 0.5     # weighted KL above this share of the loss: the teacher is being pulled to the students
+
+
+def kd_diagnostics(history: Sequence[Mapping[str, Any]]) -> Optional[dict[str, float]]:
+    """How much the distillation term weighs, and what happened to the teacher (None without KL).
+
+    kl_share: kl_weight x sum of KL over couples / total loss, mean over the final epoch (the
+    ramp-up is over by then); teacher_AP_peak / teacher_AP_final: the last stage's val AP at its
+    best epoch and at the end. A large kl_share with a final AP well below the peak is how
+    too strong a KD weight shows (in CPU runs a kld_weight >= 3 collapsed the teacher)."""
+    final = history[-1]["train"]
+    kl_terms = [v for k, v in final.items() if k.startswith("kl_") and k != "kl_weight"]
+    if not kl_terms:
+        return None
+    total = float(final.get("total", 0.0))
+    share = float(final.get("kl_weight", 0.0)) * float(sum(kl_terms)) / total if total > 0 else 0.0
+    teacher = max((k for k in history[-1]["val"]), key=lambda k: int(k.removeprefix("stage")))
+    curve = [float(r["val"][teacher]["AP"]) for r in history]
+    curve = [v if math.isfinite(v) and v >= 0 else 0.0 for v in curve]
+    return {"kl_share": round(share, 4), "teacher_AP_peak": max(curve), "teacher_AP_final": curve[-1]}
+
+
+def kd_warning(kd: Optional[Mapping[str, float]]) -> Optional[str]:
+    """A one-line warning when the KL term dominates the loss, else None."""
+    if not kd or kd["kl_share"] <= KL_SHARE_WARN:
+        return None
+    return (f"the weighted KL term is {kd['kl_share']:.0%} of the training loss (> {KL_SHARE_WARN:.0%}): "
+            f"the teacher is pulled toward the students (teacher val AP peak {kd['teacher_AP_peak']:.3f}, "
+            f"final {kd['teacher_AP_final']:.3f}); compare with a run at a lower loss.kld_weight or "
+            "-S loss.use_kld=false before trusting the distilled stages")
 
 
 def epoch_metrics(record: Mapping[str, Any]) -> dict[str, float]:
@@ -355,7 +391,7 @@ class Trainer:
         s, model = self.settings, self.model
         lr = float(self.optimizer.param_groups[0]["lr"])
         if distributed.active():     # per-rank augmentation streams, a function of (seed, epoch, rank): exact resume
-            seed_everything(int(np.random.SeedSequence([s.seed, epoch, distributed.dist.get_rank()])
+            seed_everything(int(np.random.SeedSequence([s.seed, epoch, distributed.rank()])
                                 .generate_state(1, dtype=np.uint64)[0] >> 1))
         loader = self.loader(epoch)
         steps = len(loader)
