@@ -24,7 +24,7 @@ from okdpose.model import CheckpointError, load_model
 from okdpose.params import ParamsError, load_params
 from okdpose.tracking import Tracker
 from okdpose.train import (Settings, Trainer, TrainingDiverged, code_digest, curve_tables, epoch_metrics,
-                           files_digest, fingerprint, kd_warning, make_optimizer, make_scheduler, make_validator, summarize,
+                           files_digest, fingerprint, make_optimizer, make_scheduler, make_validator, summarize,
                            training_params)
 
 PREPARED, INIT = Path("data/prepared"), Path("models/init.pt")
@@ -100,10 +100,6 @@ def main() -> None:
                 run.log_artifact(path, "metrics")
         run.log_artifact(PLOTS, "plots/train")
         run.log_artifact(BEST, "models")
-        warning = kd_warning(summary.get("kd"))
-        if warning:
-            logging.getLogger("okdpose.train").warning(warning)
-            run.set_tags({"okdpose.warning": warning})
     best = summary["best"]
     print(f"train-okd: {result.epochs_run} epochs, best mean val AP {best['score']:.4f} (stages "
           f"{list(p.kd_stages())}) at epoch {best['epoch']}; wrote {BEST}, {LAST}, {METRICS}, {PLOTS}/")
