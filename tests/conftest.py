@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from okdpose.data.coco import prepare_dataset
 from okdpose.data.fetch import fetch_raw
@@ -14,6 +15,16 @@ from okdpose.joints import BABYPOSE12
 TINY = SyntheticConfig(seed=3, subjects=(1, 1, 1), frames_per_subject=3)
 TINY_IMAGE_SIZE = (48, 64)
 DEPTH_RANGE = (400.0, 1200.0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs torch on one thread: the models are tiny (one thread is faster for them) and
+    the results do not depend on what else runs on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

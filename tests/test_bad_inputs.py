@@ -72,14 +72,6 @@ COVERED_ELSEWHERE = {  # case -> test that covers it (kept there: it needs that 
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def listing(folder: Path) -> list[str]:
     """Names in `folder` (hidden temporaries included); [] when it does not exist."""
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []

@@ -11,14 +11,6 @@ from okdpose import bench
 from okdpose.params import Params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_params() -> Params:
     p = Params()
     return dataclasses.replace(

@@ -109,14 +109,6 @@ def run_ddp(prepared: Path, out: Path, epochs: int, stop_at=None) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_two_ranks_train_like_one_process_with_the_global_batch(tiny_prepared, tmp_path):
     ranks = run_ddp(tiny_prepared, tmp_path / "ddp", epochs=2)
     single_dir = tmp_path / "single"

@@ -17,15 +17,6 @@ from okdpose.train import (Settings, Trainer, TrainingDiverged, curve_tables, de
 IMAGE, HEATMAP = (48, 64), (12, 16)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions: one thread is faster and immune to other processes on the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sets(tiny_prepared):
     train = PoseDataset(tiny_prepared, "train", BABYPOSE12, IMAGE, HEATMAP, 1.0, train=True)
