@@ -47,3 +47,19 @@ def test_table_collects_student_and_teacher_in_paper_layout():
     md = markdown_table(recs)
     assert "| HRNet4-OKD | 4 | (3,4) | no | 1 | 50.00 / 80.00 | 60.00 / 90.00 | 70.00 / 95.00 | 92.63 / 93.77 |" in md
     assert "| HRNet2 | 2 | - | - | 1 | – |" in md   # not run yet: a dash, never a made-up number
+
+
+def test_list_prints_overrides_a_shell_reads_back(capsys):
+    import shlex
+
+    from okdpose.grid import ROWS, main
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(ROWS)
+    for row, line in zip(ROWS, lines):
+        words = shlex.split(line)
+        assert words[0] == row.name
+        sets = dict(w.split("=", 1) for w in words[2::2])
+        assert words[1::2] == ["-S"] * len(row.overrides())
+        assert yaml.safe_load(sets["loss.kld_couples"]) == [list(c) for c in row.couples]

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import shlex
 import math
 import subprocess
 import sys
@@ -201,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.cmd == "list":
         for row in ROWS:
-            print(f"{row.name:<20} " + " ".join(f"-S {k}={_yaml_value(v)}" for k, v in row.overrides().items()))
+            print(f"{row.name:<20} " + " ".join(f"-S {shlex.quote(f'{k}={_yaml_value(v)}')}"
+                                                for k, v in row.overrides().items()))   # pasteable in a shell
         return 0
     if args.cmd == "queue":
         for row in select_rows(args.rows):
