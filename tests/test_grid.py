@@ -1,3 +1,4 @@
+import pytest
 import yaml
 
 from okdpose.grid import ROWS, ROWS_BY_NAME, experiments_from_show, markdown_table, queue_command, table_rows
@@ -30,11 +31,20 @@ def test_queue_command_values_parse_back_as_yaml():
     assert sets["train.epochs"] == "2"
 
 
-def _show(name, metrics):
+def _show(name, metrics, state=None):
     rev = {"rev": "abc", "name": name, "error": None,
            "data": {"metrics": {"metrics/eval.json": {"data": metrics}}, "params": {"params.yaml": {"data": {}}}}}
+    executor = None if state is None else {"state": state, "name": "dvc-task"}
     return [{"rev": "workspace", "experiments": None},
-            {"rev": "base", "name": "main", "experiments": [{"revs": [rev], "executor": None}]}]
+            {"rev": "base", "name": "main", "experiments": [{"revs": [rev], "executor": executor}]}]
+
+
+@pytest.mark.parametrize("state", ["queued", "running", "failed"])
+def test_unfinished_experiments_are_not_collected(state):
+    # DVC shows a queued or running experiment with its baseline's metrics: they are not its results
+    metrics = {"stage4": {"AP": 0.5, "AR": 0.6, "hmPCK50": 0.7}}
+    assert experiments_from_show(_show("HRNet4", metrics, state)) == {}
+    assert set(experiments_from_show(_show("HRNet4", metrics, "success"))) == {"HRNet4"}
 
 
 def test_table_collects_student_and_teacher_in_paper_layout():

@@ -111,11 +111,17 @@ def select_rows(names: Iterable[str] | None) -> list[GridRow]:
 
 # --------------------------------------------------------------------------- collecting
 
+UNFINISHED = ("queued", "running", "failed")    # `executor.state` in `dvc exp show --json` (DVC 3)
+
+
 def experiments_from_show(show: list[dict]) -> dict[str, dict]:
     """{experiment name: {"params": params.yaml data, "metrics": metrics/eval.json data}} from `dvc exp show --json`."""
     found: dict[str, dict] = {}
     for baseline in show:
         for group in baseline.get("experiments") or []:
+            state = (group.get("executor") or {}).get("state")
+            if state in UNFINISHED:      # queued / running experiments show their baseline's metrics
+                continue
             for rev in group.get("revs") or []:
                 data, name = rev.get("data") or {}, rev.get("name")
                 if not name or rev.get("error"):
