@@ -73,3 +73,12 @@ def test_list_prints_overrides_a_shell_reads_back(capsys):
         sets = dict(w.split("=", 1) for w in words[2::2])
         assert words[1::2] == ["-S"] * len(row.overrides())
         assert yaml.safe_load(sets["loss.kld_couples"]) == [list(c) for c in row.couples]
+
+
+def test_the_newest_run_of_a_row_is_collected_across_commits():
+    old, new = ({"stage2": {"AP": v, "AR": v, "hmPCK50": v}} for v in (0.1, 0.2))
+    a, b = _show("HRNet2", old), _show("HRNet2", new)
+    a[1]["experiments"][0]["revs"][0]["data"]["timestamp"] = "2026-11-29T10:00:00"
+    b[1]["experiments"][0]["revs"][0]["data"]["timestamp"] = "2026-11-29T11:00:00"
+    assert experiments_from_show(b + a)["HRNet2"]["metrics"] == new
+    assert experiments_from_show(a + b)["HRNet2"]["metrics"] == new

@@ -128,8 +128,9 @@ def experiments_from_show(show: list[dict]) -> dict[str, dict]:
                     continue
                 metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                if metrics:
-                    found[name] = {"params": params, "metrics": metrics, "timestamp": data.get("timestamp")}
+                stamp = data.get("timestamp") or ""
+                if metrics and (name not in found or stamp > (found[name]["timestamp"] or "")):   # the newest run of a name
+                    found[name] = {"params": params, "metrics": metrics, "timestamp": stamp}
     return found
 
 
@@ -221,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
         return 0
     show = json.loads(args.show_json.read_text() if args.show_json else
-                      subprocess.run(["dvc", "exp", "show", "--json"], check=True, capture_output=True, text=True).stdout)
+                      subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True,
+                                     capture_output=True, text=True).stdout)   # also grids run from older commits
     records = table_rows(experiments_from_show(show), args.prefix)
     if not any(r["ran"] for r in records):
         print(f"no finished grid experiments{' with prefix ' + args.prefix if args.prefix else ''} found in `dvc exp show`", file=sys.stderr)
