@@ -524,7 +524,7 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
     if "eigencam" in r:
         e, c = r["eigencam"], r["eigencam"]["config"]
         p, x = e["projection"], e["end_to_end"]
-        lines.append(f"\nd. EigenCAM, okdpose.explain vs stock pytorch_grad_cam.EigenCAM")
+        lines.append("\nd. EigenCAM, okdpose.explain vs stock pytorch_grad_cam.EigenCAM")
         lines.append(f"  projection ({c['channels']} channels, {c['map_size'][0]}x{c['map_size'][1]} map): stock "
                      f"{p['stock_ms']} ms, ours {p['ours_ms']} ms -> {p['speedup']}x, max |diff| {p['max_abs_diff']:.3g}")
         lines.append(f"  end to end, layer {c['layer']} of W{c['width']} n_stage {c['n_stage']}, {c['images']} image(s) "
