@@ -37,6 +37,8 @@ def test_train_bench_compares_okd_and_single_in_both_formats():
     # the multi-output model has one more head: slightly more FLOPs than the single-output one
     f = r["forward_gflop_per_image"]
     assert f["okd"] >= f["single"] > 0
+    assert set(r["conv_ceiling"]) == {"contiguous", "channels_last"}
+    assert all(c["pct_peak"] > 0 for c in r["conv_ceiling"].values())
     for v in r["variants"].values():
         assert v["s_per_step"] > 0 and v["img_per_s"] > 0 and v["gflop_per_s"] > 0
         assert v["pct_peak"] == pytest.approx(v["gflop_per_s"], abs=0.1)       # peak 100 GFLOP/s
@@ -57,10 +59,28 @@ def test_train_step_learns():
 
 def test_inference_bench_rows_per_stage_and_format():
     r = bench.inference_bench(width=4, stages=(1, 2), image_size=(32, 32), batch=1, repeats=1, warmup=0, peak=100.0)
-    assert set(r["variants"]) == {f"stage{k}/{f}" for k in (1, 2) for f in bench.FORMATS}
+    assert set(r["variants"]) == {f"stage{k}/{f}" for k in (1, 2) for f in bench.INFER_FORMATS}
+    assert bench.INFER_FORMATS == ("contiguous", "channels_last", "folded")
     s1, s2 = r["variants"]["stage1/contiguous"], r["variants"]["stage2/contiguous"]
     assert 0 < s1["params_M"] < s2["params_M"] and 0 < s1["gflop_per_image"] < s2["gflop_per_image"]
-    assert set(r["ratios"]) == {"channels_last_speedup/stage1", "channels_last_speedup/stage2"}
+    assert r["variants"]["stage2/folded"]["gflop_per_image"] == s2["gflop_per_image"]
+    assert set(r["ratios"]) == {f"{f}_speedup/stage{k}" for f in ("channels_last", "folded") for k in (1, 2)}
+    c = r["conv_ceiling"]
+    assert c["stage"] == 2 and c["seconds"] > 0 and c["gflop_per_s"] > 0 and c["pct_peak"] > 0
+
+
+def test_conv_shapes_and_ceiling_count_every_convolution_call():
+    from okdpose.model import MultiOutHRNet
+
+    m = MultiOutHRNet(12, 4, 2).eval()
+    convs = sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
+    shapes = bench.conv_shapes(m, torch.zeros(2, 3, 32, 32))
+    assert sum(shapes.values()) == convs                          # each conv runs once per forward
+    assert (3, 64, 3, 2, 1, False, (32, 32)) in shapes             # the stem's first conv, on the image
+    for train in (False, True):
+        c = bench.conv_ceiling(m, torch.zeros(2, 3, 32, 32), train, "contiguous", peak=100.0, repeats=1)
+        assert c["conv_calls"] == convs and c["distinct_convs"] == len(shapes)
+        assert c["pct_peak"] == pytest.approx(c["gflop_per_s"], abs=0.1) and c["seconds"] > 0
 
 
 def test_eigencam_bench_maps_equal_stock():
@@ -69,6 +89,9 @@ def test_eigencam_bench_maps_equal_stock():
     for part in ("projection", "end_to_end"):
         assert r[part]["stock_ms"] > 0 and r[part]["ours_ms"] > 0 and r[part]["speedup"] > 0
         assert r[part]["max_abs_diff"] <= 1e-5
+    assert r["end_to_end"]["max_abs_diff"] == 0                    # bit for bit stock
+    f = r["end_to_end_folded"]
+    assert f["ms"] > 0 and f["copy_ms_once"] > 0 and f["speedup"] > 0 and f["max_abs_diff"] <= 1e-4
 
 
 def test_loader_bench_on_a_synthetic_set_and_the_report(tmp_path):

@@ -275,3 +275,24 @@ def test_evaluate_model_every_stage_and_subsets(tiny_prepared):
 def test_stage_latencies_cover_each_stage():
     lat = stage_latencies_ms(J, 2, 2, (32, 64), repeats=1, warmup=0)
     assert list(lat) == [1, 2] and all(v > 0 for v in lat.values())
+
+
+def test_predict_runs_the_folded_copy_and_matches_the_model_itself(tiny_prepared, monkeypatch):
+    torch.manual_seed(0)
+    model = MultiOutHRNet(J, width=2, n_stage=2, multi=True)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):   # BNs that fold into something
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.running_var, 0.5, 2.0)
+        nn.init.uniform_(bn.running_mean, -0.1, 0.1)
+    ds = PoseDataset(tiny_prepared, "test", SPEC, TINY_IMAGE_SIZE, HM_SIZE, 1.0)
+    import okdpose.model.fuse as fuse
+
+    made = []
+    real = fuse.inference_copy
+    monkeypatch.setattr(fuse, "inference_copy", lambda m, **kw: made.append(m) or real(m, **kw))
+    fast = predict(model, ds, batch_size=2)
+    exact = predict(model, ds, batch_size=2, fold_bn=False)
+    assert made == [model]                      # one copy per call, only with fold_bn
+    assert not any(isinstance(m, nn.Identity) and n.endswith("bn1") for n, m in model.named_modules())
+    np.testing.assert_allclose(fast.maxvals, exact.maxvals, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast.coords, exact.coords, atol=1e-3)

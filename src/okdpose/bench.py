@@ -7,9 +7,15 @@ a. training step (forward + backward + Adam) of the multi-output HRNet with the 
    GFLOP/s against this CPU's fp32 peak (training FLOPs = 3 x forward FLOPs, `okdpose.model.cost`);
 b. data loading per worker (PoseDataset of data/prepared, train=True, the configured augmentation)
    vs the training consumption rate of the configured model (params.yaml);
-c. inference per truncated stage count (batch, eval, no_grad) with params, FLOPs and % of peak;
+c. inference per truncated stage count (batch, eval, no_grad) with params, FLOPs and % of peak:
+   contiguous, channels-last, and folded (`okdpose.model.fuse.inference_copy`: BN folded into the
+   convs, channels-last; what `predict` runs);
 d. EigenCAM: `okdpose.explain` vs stock `pytorch_grad_cam.EigenCAM` (projection step and one
-   layer end to end), with the maximum difference of the maps.
+   layer end to end, exact and with `fold_bn=True`), with the maximum difference of the maps.
+
+a. and c. also time the model's convolutions alone, each distinct shape in isolation (best of
+the repeats), as a ceiling: the % of peak the convolution library reaches on exactly these
+shapes, which a whole step cannot beat however cheap the rest (BN, ReLU, adds, the optimiser).
 
 Every comparison runs its variants interleaved (round robin, `repeats` rounds after `warmup`)
 and reports medians, so slow drifts of a shared machine hit all variants alike. Wall time is
@@ -42,6 +48,7 @@ from okdpose.train import make_optimizer
 
 FLOPS_PER_CYCLE = 32     # fp32 per core and cycle with two 256-bit FMA units (AVX2: Zen 2/3, Haswell+)
 FORMATS = ("contiguous", "channels_last")
+INFER_FORMATS = FORMATS + ("folded",)     # folded: okdpose.model.fuse.inference_copy (BN folded, channels-last), what predict runs
 AUGMENT_ON = {"flip": True, "rotation": 30.0, "scale": 0.25, "half_body_prob": 0.3}   # the original's
 
 
@@ -133,8 +140,64 @@ def _rate(flop: float, t: Timing, peak: float, threads: int) -> dict[str, float]
 
 
 def _to_format(x: Any, fmt: str) -> Any:
-    memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    memory = torch.channels_last if fmt in ("channels_last", "folded") else torch.contiguous_format
     return x.to(memory_format=memory)
+
+
+# --------------------------------------------------------------------------- convolution ceiling
+
+def conv_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple, int]:
+    """{(in, out, kernel, stride, padding, bias, (h, w) input): count} of every Conv2d call in
+    one forward pass of `model` on `x` (batch size = x's)."""
+    shapes: dict[tuple, int] = {}
+
+    def hook(mod: nn.Conv2d, inp: Any, out: Any) -> None:
+        key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
+               mod.bias is not None, tuple(inp[0].shape[2:]))
+        shapes[key] = shapes.get(key, 0) + 1
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def conv_ceiling(model: nn.Module, x: torch.Tensor, train: bool, fmt: str, peak: float,
+                 repeats: int = 3, threads: Optional[int] = None) -> dict[str, Any]:
+    """The model's convolutions alone: each distinct conv timed in isolation (forward, plus the
+    backward for the input (not for the 3-channel image) and the weights when `train`), best
+    of `repeats`, times its count -> the fraction of the fp32 peak that the convolution library
+    reaches on these shapes: what a step of this model could reach if everything else were free."""
+    shapes = conv_shapes(model, x)
+    batch = x.shape[0]
+    total_s = total_flop = 0.0
+    with num_threads(threads):
+        for (cin, cout, k, stride, pad, bias, (h, w)), count in shapes.items():
+            conv = _to_format(nn.Conv2d(cin, cout, k, stride, pad, bias=bias), fmt)
+            inp = _to_format(torch.randn(batch, cin, h, w), fmt).requires_grad_(train and cin != 3)
+            ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+            flop = 2.0 * cin * cout * k * k * ho * wo * batch
+            grad_out = _to_format(torch.ones(batch, cout, ho, wo), fmt)
+            wrt = ([inp] if inp.requires_grad else []) + list(conv.parameters())
+
+            def run(conv: nn.Module = conv, inp: torch.Tensor = inp, grad_out: torch.Tensor = grad_out,
+                    wrt: list = wrt) -> None:
+                if train:              # gradients returned, not accumulated: the conv's own work only
+                    torch.autograd.grad(conv(inp), wrt, grad_out)
+                else:
+                    with torch.no_grad():
+                        conv(inp)
+
+            t = min(interleaved({"c": run}, repeats, warmup=1)["c"].wall)      # a ceiling: the best run
+            total_s += count * t
+            total_flop += count * flop * ((3 if cin != 3 else 2) if train else 1)
+    gflops = total_flop / total_s / 1e9
+    return {"seconds": round(total_s, 4), "gflop_per_s": round(gflops, 2), "pct_peak": round(100 * gflops / peak, 1),
+            "distinct_convs": len(shapes), "conv_calls": int(sum(shapes.values()))}
 
 
 # --------------------------------------------------------------------------- a. training step
@@ -185,6 +248,11 @@ def train_bench(width: int = 32, n_stage: int = 4, num_joints: int = 12, image_s
         flop = 3 * flops[name.split("/")[0]] * batch
         variants[name] = {"s_per_step": round(t.median, 4), "img_per_s": round(batch / t.median, 3),
                           **_rate(flop, t, peak, threads or torch.get_num_threads())}
+    torch.manual_seed(0)
+    probe_model = MultiOutHRNet(num_joints, width, n_stage, multi=True)
+    ceiling = {fmt: conv_ceiling(_to_format(probe_model, fmt), _to_format(torch.randn(batch, 3, int(image_size[1]),
+                                                                                       int(image_size[0])), fmt),
+                                 True, fmt, peak, repeats, threads) for fmt in formats}
     ratios = {}
     for fmt in formats:
         ratios[f"okd_vs_single/{fmt}"] = round(times[f"okd/{fmt}"].median / times[f"single/{fmt}"].median, 3)
@@ -195,7 +263,7 @@ def train_bench(width: int = 32, n_stage: int = 4, num_joints: int = 12, image_s
     return {"config": {"width": width, "n_stage": n_stage, "joints": num_joints, "image_size": list(image_size),
                        "batch": batch, "repeats": repeats, "couples": [list(c) for c in _couples(n_stage)]},
             "forward_gflop_per_image": {k: round(v / 1e9, 3) for k, v in flops.items()},
-            "variants": variants, "ratios": ratios}
+            "variants": variants, "ratios": ratios, "conv_ceiling": ceiling}
 
 
 def _couples(n_stage: int) -> tuple[tuple[int, int], ...]:
@@ -258,9 +326,13 @@ def loader_bench(prepared: str | Path, params: Any, samples: int = 64, repeats: 
 
 def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_joints: int = 12,
                     image_size: Sequence[int] = (192, 256), batch: int = 8, repeats: int = 3, warmup: int = 1,
-                    formats: Sequence[str] = FORMATS, peak: Optional[float] = None,
+                    formats: Sequence[str] = INFER_FORMATS, peak: Optional[float] = None,
                     threads: Optional[int] = None) -> dict[str, Any]:
-    """Eval-mode no_grad forward of the model truncated after each stage (one head)."""
+    """Eval-mode no_grad forward of the model truncated after each stage (one head): plain
+    (contiguous), channels-last, and folded (`inference_copy`: BN folded, channels-last; what
+    `predict` runs); the convolution ceiling of the folded model of the deepest stage."""
+    from okdpose.model.fuse import inference_copy
+
     peak = peak_gflops() if peak is None else peak
     w, h = int(image_size[0]), int(image_size[1])
     fns, info = {}, {}
@@ -271,7 +343,8 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
                    "gflop_per_image": round(forward_flops(probe, (w, h)) / 1e9, 3)}
         for fmt in formats:
             torch.manual_seed(0)
-            m = _to_format(MultiOutHRNet(num_joints, width, k, multi=False), fmt).eval()
+            m = MultiOutHRNet(num_joints, width, k, multi=False).eval()
+            m = inference_copy(m) if fmt == "folded" else _to_format(m, fmt)
             x = _to_format(torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(k)), fmt)
 
             def run(m: nn.Module = m, x: torch.Tensor = x) -> None:
@@ -287,12 +360,18 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
         rows[name] = {**info[k], "img_per_s": round(batch / t.median, 2),
                       **_rate(info[k]["gflop_per_image"] * 1e9 * batch, t, peak, threads or torch.get_num_threads())}
     ratios = {}
-    if len(formats) == 2:
-        ratios = {f"channels_last_speedup/stage{k}": round(times[f"stage{k}/contiguous"].median
-                                                            / times[f"stage{k}/channels_last"].median, 3)
-                  for k in stages}
+    for fmt in formats[1:]:
+        if "contiguous" in formats:
+            ratios.update({f"{fmt}_speedup/stage{k}": round(times[f"stage{k}/contiguous"].median
+                                                            / times[f"stage{k}/{fmt}"].median, 3) for k in stages})
+    k = max(stages)
+    torch.manual_seed(0)
+    deepest = inference_copy(MultiOutHRNet(num_joints, width, k, multi=False).eval())
+    ceiling = conv_ceiling(deepest, _to_format(torch.randn(batch, 3, h, w), "folded"), False, "folded", peak,
+                           repeats, threads)
+    ceiling["stage"] = k
     return {"config": {"width": width, "image_size": [w, h], "batch": batch, "repeats": repeats},
-            "variants": rows, "ratios": ratios}
+            "variants": rows, "ratios": ratios, "conv_ceiling": ceiling}
 
 
 # --------------------------------------------------------------------------- d. EigenCAM
@@ -330,8 +409,15 @@ def eigencam_bench(map_size: Sequence[int] = (48, 64), channels: int = 32, width
     def ours() -> None:
         maps["ours"] = eigencam(model, x, [layer])[layer]
 
+    def folded() -> None:
+        maps["folded"] = eigencam(model, x, [layer], fold_bn=True)[layer]
+
     with num_threads(threads):
-        et = interleaved({"stock": stock, "ours": ours}, e2e_repeats or repeats, warmup)
+        from okdpose.model.fuse import inference_copy
+        t0 = time.perf_counter()
+        inference_copy(model)                   # the one-off cost of the folded copy (cached by eigencam)
+        copy_s = time.perf_counter() - t0
+        et = interleaved({"stock": stock, "ours": ours, "folded": folded}, e2e_repeats or repeats, max(warmup, 1))
     return {"config": {"map_size": [mw, mh], "channels": channels, "width": width, "n_stage": n_stage,
                        "image_size": list(image_size), "images": images, "layer": layer, "repeats": repeats,
                        "e2e_repeats": e2e_repeats or repeats, "warmup": warmup},
@@ -340,7 +426,10 @@ def eigencam_bench(map_size: Sequence[int] = (48, 64), channels: int = 32, width
                            "max_abs_diff": float(np.abs(proj["stock"] - proj["ours"]).max())},
             "end_to_end": {"stock_ms": round(et["stock"].median * 1e3, 1), "ours_ms": round(et["ours"].median * 1e3, 1),
                            "speedup": round(et["stock"].median / et["ours"].median, 2),
-                           "max_abs_diff": float(np.abs(maps["stock"] - maps["ours"]).max())}}
+                           "max_abs_diff": float(np.abs(maps["stock"] - maps["ours"]).max())},
+            "end_to_end_folded": {"ms": round(et["folded"].median * 1e3, 1), "copy_ms_once": round(copy_s * 1e3, 1),
+                                  "speedup": round(et["stock"].median / et["folded"].median, 2),
+                                  "max_abs_diff": float(np.abs(maps["stock"] - maps["folded"]).max())}}
 
 
 # --------------------------------------------------------------------------- data for b.
@@ -457,9 +546,15 @@ def check_targets(r: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if "eigencam" in r:
         e = r["eigencam"]
         add("EigenCAM projection speedup", e["projection"]["speedup"], ">= 20", e["projection"]["speedup"] >= 20)
-        add("EigenCAM end-to-end speedup", e["end_to_end"]["speedup"], ">= 3", e["end_to_end"]["speedup"] >= 3)
+        add("EigenCAM end-to-end speedup (maps bit for bit stock)", e["end_to_end"]["speedup"], ">= 3",
+            e["end_to_end"]["speedup"] >= 3)
         diff = max(e["projection"]["max_abs_diff"], e["end_to_end"]["max_abs_diff"])
         add("EigenCAM maps max |ours - stock|", diff, "<= 1e-5", diff <= 1e-5)
+        if "end_to_end_folded" in e:
+            f = e["end_to_end_folded"]
+            add("EigenCAM end-to-end speedup, fold_bn=True", f["speedup"], ">= 3", f["speedup"] >= 3)
+            add("EigenCAM fold_bn=True maps max |diff| (float rounding)", f["max_abs_diff"], "<= 1e-4",
+                f["max_abs_diff"] <= 1e-4)
     return out
 
 
@@ -484,10 +579,10 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
              f"{m['cores']} cores x {m['flops_per_cycle']} FLOP/cycle x {m['ghz']} GHz = {m['peak_gflops']} GFLOP/s "
              f"fp32 peak; torch {m['torch']}, {m['threads']} threads"
              f"{' (auto: 1 on a busy machine)' if m.get('threads_chosen') == 'auto' and m['threads'] == 1 else ''}; load avg {m['loadavg_1min']} before, "
-             f"{r.get('load_after')} after (medians of interleaved repeats; ratios are what to compare)"]
-    if max(m["loadavg_1min"], r.get("load_after") or 0.0) > 0.5 * m["cores"]:
-        lines.append(f"WARNING: the machine is busy (load average {m['loadavg_1min']} / {r.get('load_after')} on "
-                     f"{m['cores']} cores): absolute rates are low and noisy; the interleaved ratios and "
+             f"{r.get('load_after')} after, counting this run's threads (medians of interleaved repeats; ratios are what to compare)"]
+    if m["loadavg_1min"] > 0.5 * m["cores"]:      # before the run: afterwards it counts the bench's own threads
+        lines.append(f"WARNING: the machine is busy (load average {m['loadavg_1min']} on {m['cores']} cores before "
+                     "the run): absolute rates are low and noisy; the interleaved ratios and "
                      "%peak/CPU-s (efficiency per CPU-second this process got) are the meaningful columns")
     cols = ("variant", "s/step", "img/s", "GFLOP/s", "%peak", "%peak/CPU-s", "cpu util")
     if "train" in r:
@@ -500,6 +595,10 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                                        v["pct_peak_cpu"], v["cpu_util"]) for n, v in t["variants"].items()]))
         lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in t["ratios"].items())
                      + "  (okd_vs_single: time ratio, 1.05 = 5% slower; channels_last_speedup: >1 = faster)")
+        for fmt, cc in t.get("conv_ceiling", {}).items():
+            lines.append(f"  ceiling ({fmt}): the step's {cc['conv_calls']} convolutions ({cc['distinct_convs']} "
+                         f"distinct) alone, forward + backward timed in isolation: {cc['seconds']} s, "
+                         f"{cc['gflop_per_s']} GFLOP/s = {cc['pct_peak']}% of peak")
     if "loader" in r:
         b, c = r["loader"], r["loader"]["config"]
         lines.append(f"\nb. data loading ({c['source']}, train split, {c['samples']} samples, batch {c['batch']}, "
@@ -521,6 +620,10 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                                        v["pct_peak"], v["pct_peak_cpu"], v["cpu_util"]) for n, v in i["variants"].items()]))
         if i["ratios"]:
             lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in i["ratios"].items()))
+        if "conv_ceiling" in i:
+            cc = i["conv_ceiling"]
+            lines.append(f"  ceiling: the {cc['conv_calls']} convolutions of stage{cc['stage']}/folded alone, timed in "
+                         f"isolation: {cc['seconds']} s per batch, {cc['gflop_per_s']} GFLOP/s = {cc['pct_peak']}% of peak")
     if "eigencam" in r:
         e, c = r["eigencam"], r["eigencam"]["config"]
         p, x = e["projection"], e["end_to_end"]
@@ -530,6 +633,11 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
         lines.append(f"  end to end, layer {c['layer']} of W{c['width']} n_stage {c['n_stage']}, {c['images']} image(s) "
                      f"{c['image_size'][0]}x{c['image_size'][1]}: stock {x['stock_ms']} ms, ours {x['ours_ms']} ms -> "
                      f"{x['speedup']}x, max |diff| {x['max_abs_diff']:.3g}")
+        if "end_to_end_folded" in e:
+            f = e["end_to_end_folded"]
+            lines.append(f"  end to end with fold_bn=True (BN folded, channels-last; the folded copy, {f['copy_ms_once']} "
+                         f"ms, is made once per model state and reused): {f['ms']} ms -> {f['speedup']}x, "
+                         f"max |diff| {f['max_abs_diff']:.3g} (float rounding)")
     lines.append("\ntargets:")
     lines.append(_table([("target", "value", "goal", "met")]
                         + [(k, v["value"], v["goal"], {True: "yes", False: "NO", None: "-"}[v["met"]])

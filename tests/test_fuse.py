@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from okdpose.explain import eigencam
+from okdpose.model import MultiOutHRNet
+from okdpose.model import fuse as fuse_mod
+from okdpose.model.fuse import FoldError, conv_bn_pairs, fold_batchnorm, inference_copy
+
+
+def trained_like(n_stage: int, width: int = 4, seed: int = 0) -> MultiOutHRNet:
+    """A tiny model whose BNs have non-trivial weights, biases and running statistics (so folding
+    changes every folded conv), in eval mode."""
+    torch.manual_seed(seed)
+    m = MultiOutHRNet(12, width, n_stage)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight)
+        if isinstance(mod, nn.BatchNorm2d):
+            nn.init.uniform_(mod.weight, 0.5, 1.5)
+            nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.momentum = None
+    with torch.no_grad():
+        m.train()(torch.randn(4, 3, 64, 64))
+    return m.eval()
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("n_stage", [1, 2, 3, 4])
+def test_folded_copy_computes_the_same_outputs_without_any_bn(n_stage):
+    model = trained_like(n_stage)
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    before = state(model)
+    x = torch.randn(2, 3, 64, 96)
+    fast = inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())      # every BN folded
+    assert sum(1 for _ in conv_bn_pairs(model)) == bns
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)   # CPU: channels-last
+    assert not any(p.requires_grad for p in fast.parameters())
+    with torch.no_grad():
+        ref, got = model(x), fast(x.contiguous(memory_format=torch.channels_last))
+    assert len(ref) == len(got) == n_stage
+    for r, g in zip(ref, got):
+        assert r.abs().max() > 1                                               # not trivially zero
+        # float rounding (channels-last alone differs as much): relative to the output's scale
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-4 * r.abs().max().item())
+    # the model itself is untouched: weights, BN modules, mode
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns and not model.training
+
+
+def test_training_mode_is_restored_and_fold_in_place_refuses_training_mode():
+    model = trained_like(2).train()
+    inference_copy(model)
+    assert model.training
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(model)
+
+
+def test_keep_leaves_named_pairs_unfolded():
+    model = trained_like(2)
+    conv = "stage2.0.branches.0.0.conv1"
+    fast = inference_copy(model, keep=[conv])
+    assert isinstance(fast.get_submodule("stage2.0.branches.0.0.bn1"), nn.BatchNorm2d)
+    assert torch.equal(fast.get_submodule(conv).weight, model.get_submodule(conv).weight)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) == 1
+
+
+def test_check_catches_a_wrong_fold(monkeypatch):
+    model = trained_like(2)
+    inference_copy(model, check=True)                  # a correct fold passes
+
+    def wrong(*args):
+        weight, bias = torch.nn.utils.fusion.fuse_conv_bn_weights(*args)
+        return weight, nn.Parameter(bias + 0.5)
+
+    monkeypatch.setattr(fuse_mod, "fuse_conv_bn_weights", wrong)
+    with pytest.raises(FoldError, match="differs"):
+        inference_copy(model, check=True)
+
+
+def test_eigencam_on_the_folded_copy_equals_the_model_itself_also_for_a_folded_conv():
+    model = trained_like(3)
+    x = torch.randn(2, 3, 64, 64)
+    layers = model.feature_layer_names() + ["stage3.0.branches.1.0.conv2", "stage2.0.branches.0.1.bn1"]
+    fast = eigencam(model, x, layers, fold_bn=True)    # the conv keeps its BN: its own output is pre-BN
+    exact = eigencam(model, x, layers)
+    for name in layers:                                # float rounding of Kaiming-initialised activations
+        np.testing.assert_allclose(fast[name], exact[name], rtol=0, atol=1e-4, err_msg=name)
