@@ -24,13 +24,15 @@ def sets(tiny_prepared):
     return train, val, make_validator(val, tiny_prepared / "val_gt.json", BABYPOSE12, batch_size=4)
 
 
-def trainer(sets, tmp_path, *, epochs=2, fingerprint="fp", loss=None, validate=None, patience=0, seed=0, **kw):
+def trainer(sets, tmp_path, *, epochs=2, fingerprint="fp", loss=None, validate=None, patience=0, seed=0,
+            channels_last=False, **kw):
     train, _, val_fn = sets
     torch.manual_seed(1)
     model = MultiOutHRNet(12, width=4, n_stage=2)
     opt = make_optimizer(model, "adam", 1e-3)
     return Trainer(model, loss or OKDLoss((1, 2), ((1, 2),)), opt, make_scheduler(opt, [1], 0.5), train,
-                   validate or val_fn, Settings(epochs=epochs, batch_size=2, seed=seed, patience=patience),
+                   validate or val_fn, Settings(epochs=epochs, batch_size=2, seed=seed, patience=patience,
+                                                channels_last=channels_last),
                    select_stages=(1, 2), last_path=tmp_path / "last.pt", best_path=tmp_path / "model.pt",
                    fingerprint=fingerprint, fingerprint_parts={"params": {"train.lr": 0.001}}, **kw)
 
@@ -115,6 +117,22 @@ def test_fit_writes_best_and_last_with_history(sets, tmp_path):
     assert list(tables["val_ap"][0]) == ["epoch", "stage1", "stage2", "score"]
     assert {"total", "mse_teacher", "mse_students", "kl", "kl_weight", "kl_1_2"} <= set(tables["losses"][0])
     assert len(tables["val"]) == 4 and tables["lr"][1]["lr"] == pytest.approx(5e-4)
+
+
+def test_channels_last_trains_the_same_and_writes_contiguous_checkpoints(sets, tmp_path):
+    plain = trainer(sets, tmp_path / "plain").fit()
+    t = trainer(sets, tmp_path / "cl", channels_last=True)
+    steps = []
+    t.on_step = lambda epoch, step: steps.append(t.model.conv2.weight.grad.is_contiguous(memory_format=torch.channels_last))
+    cl = t.fit()
+    assert steps and all(steps)                   # the step ran channels-last (gradients too)
+    assert t.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain.history, cl.history):   # the same training up to float rounding
+        assert b["train"]["total"] == pytest.approx(a["train"]["total"], rel=1e-3)
+    last = torch.load(tmp_path / "cl" / "last.pt", weights_only=True)
+    assert all(v.is_contiguous() for v in last["model"].values())
+    model, _ = load_model(tmp_path / "cl" / "model.pt")
+    assert model.conv1.weight.is_contiguous()
 
 
 def test_finished_run_resumes_without_training_and_replays(sets, tmp_path):

@@ -13,9 +13,8 @@ c. inference per truncated stage count (batch, eval, no_grad) with params, FLOPs
 d. EigenCAM: `okdpose.explain` vs stock `pytorch_grad_cam.EigenCAM` (projection step and one
    layer end to end, exact and with `fold_bn=True`), with the maximum difference of the maps.
 
-a. and c. also time the model's convolutions alone, each distinct shape in isolation (best of
-the repeats), as a ceiling: the % of peak the convolution library reaches on exactly these
-shapes, which a whole step cannot beat however cheap the rest (BN, ReLU, adds, the optimiser).
+a. and c. also profile one call: the time inside the convolution ops (oneDNN) and the GFLOP/s
+they reach, a ceiling the whole step cannot beat however cheap the rest (BN, ReLU, adds, Adam).
 
 Every comparison runs its variants interleaved (round robin, `repeats` rounds after `warmup`)
 and reports medians, so slow drifts of a shared machine hit all variants alike. Wall time is
@@ -144,60 +143,41 @@ def _to_format(x: Any, fmt: str) -> Any:
     return x.to(memory_format=memory)
 
 
-# --------------------------------------------------------------------------- convolution ceiling
+# --------------------------------------------------------------------------- convolution share
 
-def conv_shapes(model: nn.Module, x: torch.Tensor) -> dict[tuple, int]:
-    """{(in, out, kernel, stride, padding, bias, (h, w) input): count} of every Conv2d call in
-    one forward pass of `model` on `x` (batch size = x's)."""
-    shapes: dict[tuple, int] = {}
-
-    def hook(mod: nn.Conv2d, inp: Any, out: Any) -> None:
-        key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], mod.stride[0], mod.padding[0],
-               mod.bias is not None, tuple(inp[0].shape[2:]))
-        shapes[key] = shapes.get(key, 0) + 1
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the profiler's C++ start/stop lines), restoring it afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        with torch.no_grad():
-            model(x)
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
     finally:
-        for h in handles:
-            h.remove()
-    return shapes
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def conv_ceiling(model: nn.Module, x: torch.Tensor, train: bool, fmt: str, peak: float,
-                 repeats: int = 3, threads: Optional[int] = None) -> dict[str, Any]:
-    """The model's convolutions alone: each distinct conv timed in isolation (forward, plus the
-    backward for the input (not for the 3-channel image) and the weights when `train`), best
-    of `repeats`, times its count -> the fraction of the fp32 peak that the convolution library
-    reaches on these shapes: what a step of this model could reach if everything else were free."""
-    shapes = conv_shapes(model, x)
-    batch = x.shape[0]
-    total_s = total_flop = 0.0
+def conv_share(fn: Callable[[], Any], flop: float, peak: float, threads: Optional[int] = None) -> dict[str, Any]:
+    """Profile one call of `fn` (after one warm-up call): the wall time spent inside convolution
+    ops (forward and backward, their own time) vs the whole call, and the GFLOP/s those ops reach
+    on `flop` convolution FLOPs: the % of peak a call could reach if everything else were free,
+    i.e. the ceiling the convolution library sets for this model on this CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
     with num_threads(threads):
-        for (cin, cout, k, stride, pad, bias, (h, w)), count in shapes.items():
-            conv = _to_format(nn.Conv2d(cin, cout, k, stride, pad, bias=bias), fmt)
-            inp = _to_format(torch.randn(batch, cin, h, w), fmt).requires_grad_(train and cin != 3)
-            ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-            flop = 2.0 * cin * cout * k * k * ho * wo * batch
-            grad_out = _to_format(torch.ones(batch, cout, ho, wo), fmt)
-            wrt = ([inp] if inp.requires_grad else []) + list(conv.parameters())
-
-            def run(conv: nn.Module = conv, inp: torch.Tensor = inp, grad_out: torch.Tensor = grad_out,
-                    wrt: list = wrt) -> None:
-                if train:              # gradients returned, not accumulated: the conv's own work only
-                    torch.autograd.grad(conv(inp), wrt, grad_out)
-                else:
-                    with torch.no_grad():
-                        conv(inp)
-
-            t = min(interleaved({"c": run}, repeats, warmup=1)["c"].wall)      # a ceiling: the best run
-            total_s += count * t
-            total_flop += count * flop * ((3 if cin != 3 else 2) if train else 1)
-    gflops = total_flop / total_s / 1e9
-    return {"seconds": round(total_s, 4), "gflop_per_s": round(gflops, 2), "pct_peak": round(100 * gflops / peak, 1),
-            "distinct_convs": len(shapes), "conv_calls": int(sum(shapes.values()))}
+        fn()
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t0
+    conv_us = sum(e.self_cpu_time_total for e in prof.key_averages()
+                  if ("convolution" in e.key or "conv2d" in e.key) and not e.key.startswith("autograd::"))
+    conv_s = conv_us / 1e6
+    gflops = flop / conv_s / 1e9 if conv_s > 0 else math.nan
+    return {"call_s": round(wall, 6), "conv_s": round(conv_s, 6), "conv_share": round(conv_s / wall, 3),
+            "conv_gflop_per_s": round(gflops, 2), "conv_pct_peak": round(100 * gflops / peak, 1)}
 
 
 # --------------------------------------------------------------------------- a. training step
@@ -248,11 +228,7 @@ def train_bench(width: int = 32, n_stage: int = 4, num_joints: int = 12, image_s
         flop = 3 * flops[name.split("/")[0]] * batch
         variants[name] = {"s_per_step": round(t.median, 4), "img_per_s": round(batch / t.median, 3),
                           **_rate(flop, t, peak, threads or torch.get_num_threads())}
-    torch.manual_seed(0)
-    probe_model = MultiOutHRNet(num_joints, width, n_stage, multi=True)
-    ceiling = {fmt: conv_ceiling(_to_format(probe_model, fmt), _to_format(torch.randn(batch, 3, int(image_size[1]),
-                                                                                       int(image_size[0])), fmt),
-                                 True, fmt, peak, repeats, threads) for fmt in formats}
+    ceiling = {fmt: conv_share(steps[f"okd/{fmt}"], 3 * flops["okd"] * batch, peak, threads) for fmt in formats}
     ratios = {}
     for fmt in formats:
         ratios[f"okd_vs_single/{fmt}"] = round(times[f"okd/{fmt}"].median / times[f"single/{fmt}"].median, 3)
@@ -263,7 +239,7 @@ def train_bench(width: int = 32, n_stage: int = 4, num_joints: int = 12, image_s
     return {"config": {"width": width, "n_stage": n_stage, "joints": num_joints, "image_size": list(image_size),
                        "batch": batch, "repeats": repeats, "couples": [list(c) for c in _couples(n_stage)]},
             "forward_gflop_per_image": {k: round(v / 1e9, 3) for k, v in flops.items()},
-            "variants": variants, "ratios": ratios, "conv_ceiling": ceiling}
+            "variants": variants, "ratios": ratios, "conv_share": ceiling}
 
 
 def _couples(n_stage: int) -> tuple[tuple[int, int], ...]:
@@ -365,13 +341,10 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
             ratios.update({f"{fmt}_speedup/stage{k}": round(times[f"stage{k}/contiguous"].median
                                                             / times[f"stage{k}/{fmt}"].median, 3) for k in stages})
     k = max(stages)
-    torch.manual_seed(0)
-    deepest = inference_copy(MultiOutHRNet(num_joints, width, k, multi=False).eval())
-    ceiling = conv_ceiling(deepest, _to_format(torch.randn(batch, 3, h, w), "folded"), False, "folded", peak,
-                           repeats, threads)
-    ceiling["stage"] = k
+    ceiling = conv_share(fns[f"stage{k}/{formats[-1]}"], info[k]["gflop_per_image"] * 1e9 * batch, peak, threads)
+    ceiling["variant"] = f"stage{k}/{formats[-1]}"
     return {"config": {"width": width, "image_size": [w, h], "batch": batch, "repeats": repeats},
-            "variants": rows, "ratios": ratios, "conv_ceiling": ceiling}
+            "variants": rows, "ratios": ratios, "conv_share": ceiling}
 
 
 # --------------------------------------------------------------------------- d. EigenCAM
@@ -595,10 +568,10 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                                        v["pct_peak_cpu"], v["cpu_util"]) for n, v in t["variants"].items()]))
         lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in t["ratios"].items())
                      + "  (okd_vs_single: time ratio, 1.05 = 5% slower; channels_last_speedup: >1 = faster)")
-        for fmt, cc in t.get("conv_ceiling", {}).items():
-            lines.append(f"  ceiling ({fmt}): the step's {cc['conv_calls']} convolutions ({cc['distinct_convs']} "
-                         f"distinct) alone, forward + backward timed in isolation: {cc['seconds']} s, "
-                         f"{cc['gflop_per_s']} GFLOP/s = {cc['pct_peak']}% of peak")
+        for fmt, cc in t.get("conv_share", {}).items():
+            lines.append(f"  convolutions in the okd/{fmt} step (profiled): {cc['conv_s']} of {cc['call_s']} s "
+                         f"({100 * cc['conv_share']:.0f}%), at {cc['conv_gflop_per_s']} GFLOP/s = {cc['conv_pct_peak']}% "
+                         "of peak: the step's ceiling if everything else were free")
     if "loader" in r:
         b, c = r["loader"], r["loader"]["config"]
         lines.append(f"\nb. data loading ({c['source']}, train split, {c['samples']} samples, batch {c['batch']}, "
@@ -620,10 +593,11 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                                        v["pct_peak"], v["pct_peak_cpu"], v["cpu_util"]) for n, v in i["variants"].items()]))
         if i["ratios"]:
             lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in i["ratios"].items()))
-        if "conv_ceiling" in i:
-            cc = i["conv_ceiling"]
-            lines.append(f"  ceiling: the {cc['conv_calls']} convolutions of stage{cc['stage']}/folded alone, timed in "
-                         f"isolation: {cc['seconds']} s per batch, {cc['gflop_per_s']} GFLOP/s = {cc['pct_peak']}% of peak")
+        if "conv_share" in i:
+            cc = i["conv_share"]
+            lines.append(f"  convolutions in {cc['variant']} (profiled): {cc['conv_s']} of {cc['call_s']} s per batch "
+                         f"({100 * cc['conv_share']:.0f}%), at {cc['conv_gflop_per_s']} GFLOP/s = {cc['conv_pct_peak']}% "
+                         "of peak: the ceiling if everything else were free")
     if "eigencam" in r:
         e, c = r["eigencam"], r["eigencam"]["config"]
         p, x = e["projection"], e["end_to_end"]

@@ -191,6 +191,7 @@ class TrainParams:
     patience: int = 0                  # early stop after this many epochs without improvement (0: off)
     amp: bool = True                   # CUDA only; ignored on CPU (bf16 there is slower)
     grad_clip: Optional[float] = None  # max gradient norm
+    channels_last: bool = False        # memory format of the model and batches (checkpoints stay contiguous)
 
     def validate(self, where: str) -> None:
         if self.epochs < 1:

@@ -108,12 +108,13 @@ class Settings:
     amp: bool = True                 # CUDA only: bf16 autocast (fp16 + GradScaler without bf16)
     grad_clip: Optional[float] = None
     patience: int = 0                # 0: no early stopping
+    channels_last: bool = False      # model and batches channels-last (same values up to float rounding)
 
     @classmethod
     def from_params(cls, train: "TrainParams") -> "Settings":
         return cls(epochs=train.epochs, batch_size=train.batch_size, seed=train.seed, workers=train.workers,
                    device=str(resolve_device(train.device)), amp=train.amp, grad_clip=train.grad_clip,
-                   patience=train.patience)
+                   patience=train.patience, channels_last=train.channels_last)
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -349,6 +350,7 @@ class Trainer:
         if self.settings.amp and cuda:      # never on CPU: bf16 autocast there is 30-60x slower
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.memory_format = torch.channels_last if self.settings.channels_last else torch.contiguous_format
         self.history: list[dict[str, Any]] = []
         self.best_epoch, self.best_score, self.best_state = 0, -math.inf, None
         self.epochs_since_best, self.epoch, self.finished = 0, 0, False
@@ -360,7 +362,8 @@ class Trainer:
         History record per epoch: epoch, lr (used in that epoch), train {term: mean over
         images}, val {"stage{k}": metrics}, score, images, train_seconds, val_seconds, img_per_s.
         """
-        self.model.to(self.device)
+        # in place: the optimizer keeps the same Parameter objects; checkpoints are written contiguous
+        self.model.to(self.device, memory_format=self.memory_format)
         resumed, why = self._resume()
         if resumed is None:
             seed_everything(self.settings.seed)
@@ -405,6 +408,7 @@ class Trainer:
                    unit="batch", dynamic_ncols=True)
         for step, (image, target, weight, _meta) in enumerate(bar, start=1):
             image, target, weight = (_to_device(x, self.device) for x in (image, target, weight))
+            image = image.contiguous(memory_format=self.memory_format)
             consistency = self.loss_fn.consistency((epoch - 1) + (step - 1) / steps)
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
