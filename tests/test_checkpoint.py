@@ -101,3 +101,16 @@ def test_missing_file_and_foreign_files_for_load_model(tmp_path):
     torch.save(tiny().state_dict(), tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match="load_pretrained"):
         load_model(tmp_path / "plain.pth")
+
+
+def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
+    # torch.save(path) names the zip's folder after the (temporary) file: bytes differed every save
+    torch.manual_seed(0)
+    model = MultiOutHRNet(12, width=2, n_stage=2)
+    a, b = tmp_path / "a.pt", tmp_path / "sub" / "b.pt"
+    b.parent.mkdir()
+    save_checkpoint(a, model, epoch=1)
+    save_checkpoint(b, model, epoch=1)
+    assert a.read_bytes() == b.read_bytes()
+    loaded, extra = load_model(b)
+    assert extra["epoch"] == 1 and all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -75,3 +75,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_deterministic(obj: Any, path: str | Path) -> None:
+    """`torch.save` through a file object: given a path, torch names the zip's top folder after the
+    file, so the same weights written through a temporary name gave different bytes every time
+    (and DVC a changed models/init.pt, retraining for nothing); through a file object it is always
+    'archive', so equal contents give equal files."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from okdpose.files import atomic_path
+from okdpose.files import atomic_path, save_deterministic
 
 if TYPE_CHECKING:
     from okdpose.params import TrainParams
@@ -507,7 +507,7 @@ class Trainer:
             "history": self.history,
         }
         with atomic_path(self.last_path) as tmp:
-            torch.save(state, tmp)
+            save_deterministic(state, tmp)
 
     def _resume(self) -> tuple[Optional[int], Optional[str]]:
         """Load last_path when it matches -> (its epoch, None); else (None, why it was not used)."""

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from okdpose.files import atomic_path
+from okdpose.files import atomic_path, save_deterministic
 from okdpose.model.hrnet import STEM_MODULES, full_trunk_keys
 from okdpose.model.multi_out import MultiOutHRNet
 
@@ -203,7 +203,8 @@ def save_checkpoint(path: str | Path, model: MultiOutHRNet, **extra: Any) -> Non
             "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             **extra}
     with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+        save_deterministic(ckpt, tmp)
+
 
 
 def _check_plain(value: Any, where: str) -> None:
