@@ -201,7 +201,7 @@ def eigencam(model: nn.Module, images: Tensor, layers: Sequence[str],
 
     `fold_bn=True` runs an HRNet as its `okdpose.model.fuse.cached_inference_copy` instead (BN
     folded into the convs, except where a target layer is a folded conv or BN; channels-last on
-    CPU; made once per state of the model, ~0.6 s for a W32): the forward pass, most of the time,
+    CPU; made once per state of the model, 0.5-0.75 s for a W32): the forward pass, most of the time,
     gets faster (`python -m okdpose.bench`), and the maps then equal stock's only up to float
     rounding (|diff| ~1e-6 to 1e-5 on the [0, 1] maps)."""
     return eigencam_with_outputs(model, images, layers, batch_size, fold_bn)[0]

@@ -148,9 +148,9 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
     """Run `model` on every sample of `dataset` (PoseDataset samples) and decode every stage output.
 
     Eval mode and no_grad (the model's train/eval mode is restored afterwards). An HRNet runs as
-    `okdpose.model.fuse.inference_copy` (BN folded into the convs, channels-last on CPU: 1.2-1.3x
-    faster, same outputs up to float rounding, checked when the copy is made; `fold_bn=False`
-    runs the model itself); CPU inputs go channels-last. `device`: where
+    `okdpose.model.fuse.inference_copy` (BN folded into the convs, channels-last on CPU: 1.2-1.5x
+    faster by `python -m okdpose.bench`, same outputs up to float rounding as tests/test_fuse.py
+    checks; `fold_bn=False` runs the model itself); CPU inputs go channels-last. `device`: where
     the model is (default: where its parameters are; inputs are moved there). Flip test averages
     each output with `flip_back` of the mirrored input's output (flip pairs swapped, one-column
     shift); `flip_perm` defaults to the dataset's `JointSpec.flip_permutation()`.

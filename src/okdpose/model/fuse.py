@@ -9,8 +9,8 @@ so after a bias-free Conv2d it folds into that conv's weight and a bias
 (`torch.nn.utils.fusion.fuse_conv_bn_weights`): one pass over the activations less per BN, 292 of
 them in HRNet-W32. The folded BN becomes an `nn.Identity`, so module names, hooks on other modules
 and the outputs stay as they were (equal up to float rounding; `check` compares them). Measured by
-`python -m okdpose.bench`: W32 192x256 batch 8 inference 1.2-1.3x faster than the plain model
-(channels-last alone: 1.1-1.2x).
+`python -m okdpose.bench`: W32 192x256 batch 8 inference 1.18-1.46x faster than the plain model
+(channels-last alone: 1.10-1.27x).
 
 Folding needs to know that the BN reads the conv's output and nothing else: the pairs folded are
 the `convN`/`bnN` attributes of the HRNet blocks and stem (whose forward applies `bnN` right
@@ -112,7 +112,7 @@ def cached_inference_copy(model: nn.Module, *, channels_last: Optional[bool] = N
     """`inference_copy`, made once per state of `model`: the copy is kept (one per model, dropped
     with the model) and reused while no parameter or buffer of `model` has been replaced or
     changed in place (torch's version counters), nor its train/eval modes. For repeated calls on
-    an unchanged model (explaining image after image): the copy of a W32 costs ~0.9 s, more than a
+    an unchanged model (explaining image after image): the copy of a W32 costs 0.5-0.75 s, more than a
     batch-1 forward pass."""
     key = (channels_last, tuple(sorted(keep)), _state_key(model))
     hit = _CACHE.get(model)
