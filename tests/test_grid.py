@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+from okdpose import grid
 from okdpose.grid import ROWS, ROWS_BY_NAME, experiments_from_show, markdown_table, queue_command, table_rows
 from okdpose.params import params_from_dict
 
@@ -82,3 +83,43 @@ def test_the_newest_run_of_a_row_is_collected_across_commits():
     b[1]["experiments"][0]["revs"][0]["data"]["timestamp"] = "2026-11-29T11:00:00"
     assert experiments_from_show(b + a)["HRNet2"]["metrics"] == new
     assert experiments_from_show(a + b)["HRNet2"]["metrics"] == new
+
+
+STATUS = """Task     Name             Created    Status
+8f0ae7f  HRNet4-OKD       08:38 PM   {a}
+e6299a0  HRNet4-OKD-DS    08:38 PM   {b}
+ce8f232  HRNet4-MSOKD-DS  Sep 19, 2024   {c}
+955449f  HRNet3-OKD-DS    06:35 PM   Failed
+
+Worker status: 0 active, 0 idle
+"""
+
+
+def test_queue_counts_reads_dvc_queue_status():
+    assert grid.queue_counts(STATUS.format(a="Running", b="Queued", c="Queued")) == \
+        {"Running": 1, "Queued": 2, "Failed": 1}
+    assert grid.queue_counts("Task     Name    Created    Status\n\nWorker status: 0 active, 0 idle\n") == {}
+
+
+def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
+    # a worker stopped after its task with two still queued (treeverse/dvc#10562), then they run and finish
+    states = iter([("Running", "Queued", "Queued"), ("Success", "Running", "Running"),
+                   ("Success", "Running", "Success"), ("Success", "Success", "Success")])
+    calls = []
+
+    class Done:
+        def __init__(self, stdout=""):
+            self.stdout = stdout
+
+    def run(cmd, **kw):
+        calls.append(cmd[1:])
+        if cmd[1:3] == ["queue", "status"]:
+            a, b, c = next(states)
+            return Done(STATUS.format(a=a, b=b, c=c))
+        return Done()
+
+    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=lambda s: None)
+    assert counts == {"Success": 3, "Failed": 1}
+    starts = [c for c in calls if c[:2] == ["queue", "start"]]
+    # only while fewer than 2 run and tasks wait; -j is the total (DVC starts the numbered workers not alive)
+    assert starts == [["queue", "start", "-j", "2"]]

@@ -3,6 +3,7 @@
     python -m okdpose.grid list                      # rows and the -S overrides each one sets
     python -m okdpose.grid queue [--rows ...] [-S train.epochs=4] [--start -j 1]
     dvc queue start -j 1 && dvc queue status         # (what --start does) run the queue
+    python -m okdpose.grid watch -j 1                # restart workers DVC stopped early, until the queue is empty
     python -m okdpose.grid table [--out results/grid]   # Table 1 layout: markdown + CSV
 
 Rows follow Cacciatore et al. 2025, Table 1 (DESIGN.md §5), plus the temperature variants of the
@@ -20,6 +21,7 @@ import shlex
 import math
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -189,6 +191,38 @@ def write_table(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
 
 # --------------------------------------------------------------------------- CLI
 
+def queue_counts(status: str) -> dict[str, int]:
+    """`dvc queue status` text -> {status: number of tasks} (Queued, Running, Success, Failed, ...)."""
+    counts: dict[str, int] = {}
+    lines = status.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.split()[:2] == ["Task", "Name"]), len(lines))
+    for line in lines[start:]:
+        if not line.strip() or line.startswith("Worker status"):
+            break
+        state = line.split()[-1]
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sleep: Any = time.sleep,
+                log: Any = print) -> dict[str, int]:
+    """Keep `jobs` experiments running until nothing is queued: DVC's queue workers can stop while
+    tasks are still queued (treeverse/dvc#10562), which left most of an overnight grid unrun. Every
+    `interval` s, when fewer than `jobs` tasks run and some are queued, `dvc queue start -j jobs`
+    (DVC numbers its workers 1..jobs and starts only those not alive). -> the final counts."""
+    while True:
+        status = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
+        counts = queue_counts(status)
+        running, queued = counts.get("Running", 0), counts.get("Queued", 0)
+        if not running and not queued:
+            log(f"grid watch: queue empty ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'no tasks'})")
+            return counts
+        if running < jobs and queued:
+            log(f"grid watch: {running} running, {queued} queued: restarting workers (dvc queue start -j {jobs})")
+            run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+        sleep(interval)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m okdpose.grid", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -200,7 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="extra params override for every row, e.g. -S train.epochs=4")
     q.add_argument("--start", action="store_true", help="start the queue after adding (dvc queue start)")
     q.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers for --start (2 cores: 1)")
+    q.add_argument("--watch", action="store_true",
+                   help="with --start: stay until the queue is empty, restarting stopped workers (see watch)")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
+    w = sub.add_parser("watch", help="keep -j experiments running until the queue is empty (DVC workers can "
+                                     "stop early, treeverse/dvc#10562)")
+    w.add_argument("-j", "--jobs", type=int, default=1)
+    w.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
     t = sub.add_parser("table", help="collect finished experiments into Table 1 (markdown + CSV)")
     t.add_argument("--prefix", default="")
     t.add_argument("--out", default="results/grid", type=Path)
@@ -220,6 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 subprocess.run(cmd, check=True)
         if args.start and not args.dry_run:
             subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+            if args.watch:
+                watch_queue(args.jobs)
+        return 0
+    if args.cmd == "watch":
+        watch_queue(args.jobs, args.interval)
         return 0
     show = json.loads(args.show_json.read_text() if args.show_json else
                       subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True,
