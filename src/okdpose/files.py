@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic writes and checksums.
+"""Small file helpers shared by the stages: atomic writes (JSON, CSV, text, folders) and checksums.
 
 Every output a later stage reads is written to a temporary file in the same folder and renamed
 into place, so an interrupted stage never leaves a file that looks complete.
@@ -6,13 +6,16 @@ into place, so an interrupted stage never leaves a file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -42,6 +45,18 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows (dicts) as a CSV table, atomically: the columns are every key in first-seen order, a
+    missing value or a non-finite float is an empty cell (what pandas and DVC plots read as NaN)."""
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
+                     for r in rows)
+    write_text(path, buf.getvalue())
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -13,10 +13,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional
 
 import yaml
 
+from okdpose.codec import OUTPUT_STRIDE, HeatmapCodec
 from okdpose.joints import JOINT_SPECS, JointSpec, get_joint_spec
 
 MAX_STAGES = 4
@@ -119,14 +120,16 @@ class DataParams:
         for key, (w, h) in (("image_size", self.image_size), ("heatmap_size", self.heatmap_size)):
             if w < 8 or h < 8:
                 raise ParamsError(f"{where}.{key} must be at least [8, 8] (w, h), got {[w, h]}")
-        iw, ih = self.image_size
-        hw, hh = self.heatmap_size
-        if iw * hh != ih * hw:
-            raise ParamsError(f"{where}.heatmap_size {[hw, hh]} must have the aspect ratio of image_size {[iw, ih]}")
-        if iw % 4 or ih % 4 or (iw // 4, ih // 4) != (hw, hh):
-            raise ParamsError(f"{where}.heatmap_size must be image_size / 4 for HRNet (image {[iw, ih]} -> {[iw // 4, ih // 4]}), got {[hw, hh]}")
         if self.sigma <= 0:
             raise ParamsError(f"{where}.sigma must be > 0, got {self.sigma}")
+        try:
+            stride = self.codec.stride
+        except ValueError as e:
+            raise ParamsError(f"{where}: {e}") from None
+        if stride != OUTPUT_STRIDE:
+            raise ParamsError(f"{where}.heatmap_size must be image_size / {OUTPUT_STRIDE} for HRNet (image "
+                              f"{list(self.image_size)} -> {[v // OUTPUT_STRIDE for v in self.image_size]}), "
+                              f"got {list(self.heatmap_size)}")
         lo, hi = self.depth_range
         if not 0 <= lo < hi:
             raise ParamsError(f"{where}.depth_range must be [near, far] mm with 0 <= near < far, got {[lo, hi]}")
@@ -136,6 +139,11 @@ class DataParams:
     @property
     def joint_spec(self) -> JointSpec:
         return get_joint_spec(self.joints)
+
+    @property
+    def codec(self) -> HeatmapCodec:
+        """The coordinates of this input size (`okdpose.codec`)."""
+        return HeatmapCodec(self.image_size, self.heatmap_size, self.sigma)
 
 
 @dataclass(frozen=True)
@@ -315,6 +323,11 @@ class Params:
             return tuple(sorted({s for c in self.loss.kld_couples for s in c}))
         return (self.model.n_stage,)
 
+    def model_config(self) -> dict[str, Any]:
+        """The MultiOutHRNet these params configure, as `MultiOutHRNet.config()` returns it."""
+        return {"num_joints": self.joint_spec.num_joints, "width": self.model.width,
+                "n_stage": self.model.n_stage, "multi": self.model.multi}
+
     def output_stages(self) -> tuple[int, ...]:
         """1-based stage of each model output, in forward order."""
         return tuple(range(1, self.model.n_stage + 1)) if self.model.multi else (self.model.n_stage,)
@@ -324,17 +337,18 @@ class Params:
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys (`loss.kld_weight`) -> scalar or list values, e.g. for MLflow params."""
-        out: dict[str, Any] = {}
+        return flatten(self.to_dict())
 
-        def walk(prefix: str, obj: Any) -> None:
-            if isinstance(obj, dict):
-                for k, v in obj.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = obj
 
-        walk("", self.to_dict())
-        return out
+def flatten(obj: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts -> {"a.b.c": leaf}; leaves (numbers, strings, lists, None) are kept as they are.
+    The package's one flattener (params for MLflow, metrics for MLflow, fingerprint diffs)."""
+    if not isinstance(obj, Mapping):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        out.update(flatten(v, f"{prefix}{sep}{k}" if prefix else str(k), sep))
+    return out
 
 
 # --------------------------------------------------------------------------- loading

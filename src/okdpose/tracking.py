@@ -338,3 +338,44 @@ def _store_lock(db: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- the pipeline's run
+
+def pipeline_run_id(train_metrics: str | Path) -> Optional[str]:
+    """The MLflow run train-okd opened (`mlflow_run_id` of its metrics file), None when there is
+    none (no file, unreadable, tracking was off)."""
+    import json
+
+    try:
+        value = json.loads(Path(train_metrics).read_text()).get("mlflow_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def log_to_pipeline_run(params: "TrackingParams", train_metrics: str | Path, stage: str,
+                        metrics: Mapping[str, Any], artifacts: Mapping[str, str | Path] = (),
+                        tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """Log a later stage's numbers into the training run: `metrics` flattened under `stage.`
+    (non-numbers and None dropped), `artifacts` {artifact folder: path}, `tags`. -> the run id,
+    or None with one line on stderr saying why nothing was logged. Never raises for tracking."""
+    import sys
+
+    from okdpose.params import flatten
+
+    tracker = Tracker.from_params(params)
+    run_id = pipeline_run_id(train_metrics)
+    if not (tracker.enabled and run_id):
+        why = "tracking is off" if not tracker.enabled else f"no mlflow_run_id in {train_metrics}"
+        print(f"{stage}: not logged to MLflow ({why})", file=sys.stderr)
+        return None
+    numbers = {k: v for k, v in flatten(dict(metrics), stage).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with tracker.run(run_id=run_id) as run:
+        run.log_metrics(numbers)
+        if tags:
+            run.set_tags(tags)
+        for folder, path in dict(artifacts).items():
+            run.log_artifact(path, folder)
+    return run_id

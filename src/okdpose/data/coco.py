@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from okdpose.data.layout import SPLITS, annotation_file, detection_file, image_file, validate_layout
-from okdpose.data.transforms import BOX_PADDING, PIXEL_STD, box_to_center_scale, get_affine_transform, warp_image
+from okdpose.geometry import BOX_PADDING, PIXEL_STD, box_to_center_scale, crop_image, frame_to_crop
 from okdpose.files import atomic_dir, write_json
 from okdpose.joints import JointSpec
 
@@ -433,8 +433,7 @@ def _prepare_split(raw_root: Path, out: Path, split: str, scan: SplitScan, spec:
         frame_sizes.add((im["width"], im["height"]))
         for recs, crops, rows in ((gt, gt_crops, gt_rows), (det, det_crops, det_rows)):
             for i in rows.get(iid, ()):
-                trans = get_affine_transform(recs.center[i], recs.scale[i], 0.0, (iw, ih))
-                crops[i] = warp_image(frame, trans, (iw, ih)).reshape(ih, iw, channels)
+                crops[i] = crop_image(frame, recs.center[i], recs.scale[i], (iw, ih)).reshape(ih, iw, channels)
 
     for iid in scan.bad_images:          # drop bad frames' annotations everywhere
         gt_rows.pop(iid, None)
@@ -564,7 +563,6 @@ def _sum_reports(reports: Iterable[dict]) -> dict:
 
 def preview(prepared: str | Path, split: str, spec: JointSpec, num: int = 6, crops: bool = False) -> np.ndarray:
     """A grid of `num` evenly spaced ground-truth records with their skeletons (full frames or cached crops)."""
-    from okdpose.data.transforms import affine_points
     from okdpose.viz import draw_skeleton, image_grid
 
     prepared = Path(prepared)
@@ -577,7 +575,7 @@ def preview(prepared: str | Path, split: str, spec: JointSpec, num: int = 6, cro
         size = meta["image_size"]
         for i in idx:
             j = recs.joints[i].copy()
-            j[:, :2] = affine_points(j[:, :2], get_affine_transform(recs.center[i], recs.scale[i], 0.0, size))
+            j[:, :2] = frame_to_crop(j[:, :2], recs.center[i], recs.scale[i], size)
             tiles.append(draw_skeleton(_bgr(np.asarray(cache[i])), j, spec, radius=2, thickness=1))
         return image_grid(tiles, cols=min(len(tiles), 8))
     raw_root = (prepared / meta["raw_root"]).resolve()

@@ -3,7 +3,7 @@
 Legend: J joints, (h, w) = image_size[::-1], (hh, hw) = heatmap_size[::-1].
 
     image          float32 (3, h, w), ImageNet mean/std normalised (RGB; depth replicated)
-    target         float32 (J, hh, hw) Gaussian heatmaps (okdpose.codec.encode_heatmaps)
+    target         float32 (J, hh, hw) Gaussian heatmaps (`HeatmapCodec.encode`)
     target_weight  float32 (J,) 1 for labelled joints whose Gaussian lands on the map
     meta           image_id int, index int, center (2,) and scale (2,) float32 of the crop
                    actually taken (what decode_heatmaps needs), score, area, rotation float,
@@ -18,29 +18,35 @@ rotation and scale folded into a single affine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from okdpose.codec import encode_heatmaps
-from okdpose.data.coco import DataError, crops_path, load_meta, load_records, read_frame
-from okdpose.data.transforms import (affine_points, flip_joints, get_affine_transform, sample_augmentation,
-                                     warp_image)
+from okdpose.codec import HeatmapCodec
+from okdpose.data.coco import DataError, Records, crops_path, load_meta, load_records, read_frame
+from okdpose.data.transforms import flip_joints, sample_augmentation
+from okdpose.geometry import affine_points, crop_image, get_affine_transform, warp_image
 from okdpose.joints import JointSpec
+
+if TYPE_CHECKING:
+    from okdpose.params import AugmentParams
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 class PoseDataset(Dataset):
-    """One split of a prepared data set, ground-truth boxes (`use_gt_bbox`) or detection boxes."""
+    """One split of a prepared data set, ground-truth boxes (`use_gt_bbox`) or detection boxes.
 
-    def __init__(self, prepared_dir: str | Path, split: str, spec: JointSpec, image_size: Sequence[int],
-                 heatmap_size: Sequence[int], sigma: float, augment: Optional[Any] = None,
-                 use_gt_bbox: bool = True, train: bool = False, raw_root: str | Path | None = None,
-                 use_cache: bool = True):
+    What prediction needs besides the samples: `spec` (joints, flip pairs), `codec` (sizes,
+    sigma), `records` (one row per box: `ann_id` is -1 for detection boxes) and `gt_boxes`.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, spec: JointSpec, codec: HeatmapCodec, *,
+                 augment: Optional["AugmentParams"] = None, use_gt_bbox: bool = True, train: bool = False,
+                 raw_root: str | Path | None = None, use_cache: bool = True):
         self.prepared = Path(prepared_dir)
         self.meta = load_meta(self.prepared)
         if self.meta["joints"] != spec.name:
@@ -50,10 +56,9 @@ class PoseDataset(Dataset):
             raise DataError(f"{self.prepared}: no split {split!r} (have {sorted(self.meta['splits'])})")
         self.split, self.spec = split, spec
         self.kind = "gt" if use_gt_bbox else "det"
-        self.records = load_records(self.prepared, split, self.kind)
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.heatmap_size = (int(heatmap_size[0]), int(heatmap_size[1]))
-        self.sigma = float(sigma)
+        self.records: Records = load_records(self.prepared, split, self.kind)
+        self.codec = codec
+        self.image_size = codec.image_size
         self.augment = augment if (train and augment is not None and augment.enabled) else None
         self.train = train
         self.raw_root = Path(raw_root) if raw_root is not None else (self.prepared / self.meta["raw_root"])
@@ -71,6 +76,11 @@ class PoseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def gt_boxes(self) -> bool:
+        """Whether the samples are ground-truth boxes (else detection boxes)."""
+        return self.kind == "gt"
+
     def _crop_from_cache(self, i: int) -> np.ndarray:
         if self._cache is None:          # opened lazily so each DataLoader worker maps its own
             self._cache = np.load(self._cache_path, mmap_mode="r")
@@ -86,8 +96,8 @@ class PoseDataset(Dataset):
         center, scale = r.center[i].astype(np.float32), r.scale[i].astype(np.float32)
         rot, flipped = 0.0, False
         if self.augment is None:
-            trans = get_affine_transform(center, scale, 0.0, self.image_size)
-            crop = self._crop_from_cache(i) if self.use_cache else warp_image(self._frame(i), trans, self.image_size)
+            crop = self._crop_from_cache(i) if self.use_cache else crop_image(self._frame(i), center, scale, self.image_size)
+            kp = self.codec.frame_to_crop(joints[:, :2], center, scale)
             crop_joints = joints
         else:
             frame = self._frame(i)
@@ -105,10 +115,10 @@ class PoseDataset(Dataset):
                 mirror = np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
                 warp = (np.vstack([trans, [0.0, 0.0, 1.0]]) @ mirror)[:2]
             crop = warp_image(frame, warp, self.image_size)
+            kp = affine_points(crop_joints[:, :2], trans)
         crop = crop.reshape(self.image_size[1], self.image_size[0], -1)
         image = crop.astype(np.float32) * self._norm_mul + self._norm_add          # (h, w, 3) by broadcasting
-        kp = affine_points(crop_joints[:, :2], trans)
-        target, weight = encode_heatmaps(kp, crop_joints[:, 2], self.image_size, self.heatmap_size, self.sigma)
+        target, weight = self.codec.encode(kp, crop_joints[:, 2])
         meta = {"image_id": int(r.image_id[i]), "index": int(i), "center": center, "scale": scale,
                 "score": float(r.score[i]), "area": float(r.area[i]), "rotation": float(rot),
                 "flipped": flipped, "joints": joints}

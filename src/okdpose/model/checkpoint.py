@@ -223,9 +223,15 @@ def _check_plain(value: Any, where: str) -> None:
                     "strings, lists, dicts or tensors (weights_only loading refuses other objects)")
 
 
-def load_model(path: str | Path) -> tuple[MultiOutHRNet, dict[str, Any]]:
-    """Rebuild the model stored in an okdpose checkpoint, on CPU -> (model, checkpoint dict)."""
+def load_model(path: str | Path, expect: Mapping[str, Any] | None = None,
+               fix: str = "re-run the stage that writes it (dvc repro)") -> tuple[MultiOutHRNet, dict[str, Any]]:
+    """Rebuild the model stored in an okdpose checkpoint, on CPU -> (model, checkpoint dict).
+
+    `expect`: the configuration the caller's params ask for ({num_joints, width, n_stage, multi});
+    a file holding another model raises CheckpointError naming both and `fix`."""
     source = str(path)
+    if not Path(path).is_file():
+        raise CheckpointError(f"{source}: not found; {fix}")
     obj = read_checkpoint(path)
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not an okdpose checkpoint (no 'format': '{FORMAT}'); for official or "
@@ -236,4 +242,7 @@ def load_model(path: str | Path) -> tuple[MultiOutHRNet, dict[str, Any]]:
         model.load_state_dict(sd, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{source}: stored model {config!r} does not rebuild: {e}") from None
+    if expect is not None and model.config() != dict(expect):
+        raise CheckpointError(f"{source} holds a model {model.config()}, params.yaml asks for {dict(expect)}; "
+                              f"{fix}, or fix params.yaml model / data.joints")
     return model, dict(obj)
