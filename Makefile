@@ -44,7 +44,7 @@ browser:
 	fi
 
 bench: setup
-	$(BIN)/python -m okdpose.bench --quick
+	$(BIN)/okdpose bench --quick
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from okdpose.data.fetch import FetchError, fetch_raw
 from okdpose.data.layout import LayoutError
-from okdpose.data.synthetic import config_from_params
 from okdpose.params import ParamsError, load_params
 
 RAW, DOWNLOADS = Path("data/raw"), Path("data/downloads")   # downloads/ keeps resumable .part files
@@ -20,7 +19,7 @@ def main() -> None:
     d = load_params().data
     start = time.perf_counter()
     report = fetch_raw(RAW / d.name, d.source, path=d.path, url=d.url, sha256=d.sha256,
-                       synthetic=config_from_params(d.synthetic), spec=d.joint_spec, download_dir=DOWNLOADS,
+                       synthetic=d.synthetic, spec=d.joint_spec, download_dir=DOWNLOADS,
                        workers=min(2, os.cpu_count() or 1), progress=sys.stderr.isatty())
     images = ", ".join(f"{s} {n}" for s, n in report["images"].items())
     print(f"download: {d.source} -> {report['root']} ({images} frames) in {time.perf_counter() - start:.1f} s")

@@ -9,10 +9,10 @@ import torch
 
 from okdpose.data.coco import prepare_dataset
 from okdpose.data.fetch import fetch_raw
-from okdpose.data.synthetic import SyntheticConfig
 from okdpose.joints import BABYPOSE12
+from okdpose.params import SyntheticParams
 
-TINY = SyntheticConfig(seed=3, subjects=(1, 1, 1), frames_per_subject=3)
+TINY = SyntheticParams(seed=3, subjects=(1, 1, 1), frames_per_subject=3)
 TINY_IMAGE_SIZE = (48, 64)
 DEPTH_RANGE = (400.0, 1200.0)
 

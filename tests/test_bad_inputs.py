@@ -45,14 +45,15 @@ import pytest
 import torch
 import yaml
 
+from okdpose.codec import HeatmapCodec
 from okdpose.data.coco import DataError, load_records, prepare_dataset
 from okdpose.data.dataset import PoseDataset
 from okdpose.data.fetch import ChecksumError, FetchError, UnsafeArchiveError, fetch_raw
 from okdpose.data.layout import LayoutError, annotation_file, detection_file, image_file
 from okdpose.joints import BABYPOSE12
 from okdpose.model import CheckpointError, MultiOutHRNet, load_model, load_pretrained, save_checkpoint
-from okdpose.params import ParamsError, params_from_dict
-from okdpose.train import Settings, Trainer, TrainingDiverged, make_optimizer, make_scheduler
+from okdpose.params import ParamsError, TrainParams, params_from_dict
+from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler
 
 from conftest import DEPTH_RANGE, TINY_IMAGE_SIZE
 
@@ -259,7 +260,7 @@ def test_damaged_prepared_data(case, tiny_prepared, tmp_path):
     damage, words = PREPARED_CASES[case]
     damage(prepared)
     with pytest.raises(DataError) as err:
-        PoseDataset(prepared, "val", BABYPOSE12, TINY_IMAGE_SIZE, (12, 16), 1.0)
+        PoseDataset(prepared, "val", BABYPOSE12, HeatmapCodec(TINY_IMAGE_SIZE, (12, 16), 1.0))
     for w in words:
         assert w in str(err.value), (w, str(err.value))
 
@@ -757,8 +758,8 @@ def _grad_norms(grad_clip, lr=1.0) -> tuple[list[float], torch.nn.Module]:
     norms: list[float] = []
     opt.register_step_pre_hook(lambda o, a, k: norms.append(float(torch.linalg.vector_norm(
         torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])))))
-    Trainer(model, _HugeLoss(), opt, make_scheduler(opt, [], 1.0), _Frames(),
-            lambda m: {"stage1": {"AP": 0.0}}, Settings(epochs=2, batch_size=2, grad_clip=grad_clip),
+    Trainer(model, _HugeLoss(), opt, scheduler=make_scheduler(opt, [], 1.0), train_set=_Frames(),
+            validate=lambda m: {1: {"AP": 0.0}}, params=TrainParams(epochs=2, batch_size=2, grad_clip=grad_clip),
             select_stages=(1,)).fit()
     return norms, model
 
@@ -788,8 +789,9 @@ def test_inf_loss_stops_with_epoch_step_term_and_keeps_last_good(tmp_path):
     torch.manual_seed(0)
     model = _Net()
     opt = make_optimizer(model, "sgd", 0.1)
-    trainer = Trainer(model, _InfAt(3), opt, make_scheduler(opt, [], 1.0), _Frames(), lambda m: {"stage1": {"AP": 0.0}},
-                      Settings(epochs=3, batch_size=2), select_stages=(1,), last_path=tmp_path / "last.pt")
+    trainer = Trainer(model, _InfAt(3), opt, scheduler=make_scheduler(opt, [], 1.0), train_set=_Frames(),
+                      validate=lambda m: {1: {"AP": 0.0}}, params=TrainParams(epochs=3, batch_size=2),
+                      select_stages=(1,), last_path=tmp_path / "last.pt")
     with pytest.raises(TrainingDiverged) as err:
         trainer.fit()
     msg = str(err.value)

@@ -51,8 +51,10 @@ def test_train_step_learns():
     torch.manual_seed(0)
     from okdpose.losses import OKDLoss
     from okdpose.model import MultiOutHRNet
+    from okdpose.params import LossParams
 
-    step = bench.make_train_step(MultiOutHRNet(12, 4, 2), OKDLoss((1, 2), ((1, 2),)), 2, (32, 32), "channels_last")
+    loss = OKDLoss(LossParams(kld_couples=((1, 2),)), (1, 2))
+    step = bench.make_train_step(MultiOutHRNet(12, 4, 2), loss, 2, (32, 32), "channels_last")
     losses = [step() for _ in range(5)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
@@ -92,7 +94,9 @@ def test_eigencam_bench_maps_equal_stock():
     for part in ("projection", "end_to_end"):
         assert r[part]["stock_ms"] > 0 and r[part]["ours_ms"] > 0 and r[part]["speedup"] > 0
         assert r[part]["max_abs_diff"] <= 1e-5
-    assert r["end_to_end"]["max_abs_diff"] == 0                    # bit for bit stock
+    # economy vs full SVD are two LAPACK code paths: equal up to float32 rounding of the [0, 1] maps
+    # (bit for bit on the CPUs measured so far, which a test must not rely on)
+    assert r["end_to_end"]["max_abs_diff"] <= 1e-6
     f = r["end_to_end_folded"]
     assert f["ms"] > 0 and f["copy_ms_once"] > 0 and f["speedup"] > 0 and f["max_abs_diff"] <= 1e-4
 

@@ -114,3 +114,22 @@ def test_saving_the_same_weights_twice_gives_the_same_bytes(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     loaded, extra = load_model(b)
     assert extra["epoch"] == 1 and all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
+def test_resume_state_round_trip_and_refusals(tmp_path):
+    from okdpose.model.checkpoint import RESUME_VERSION, read_resume, save_resume
+
+    path = tmp_path / "last.pt"
+    assert read_resume(path) == (None, None)                     # no file: a fresh start, nothing to say
+    save_resume(path, {"epoch": 2, "history": [{"val": {1: {"AP": 0.5}}}], "model": {"w": torch.ones(2)}})
+    state, why = read_resume(path)
+    assert why is None and state["format"] == "okdpose-last" and state["version"] == RESUME_VERSION == 2
+    assert state["history"][0]["val"][1]["AP"] == 0.5 and torch.equal(state["model"]["w"], torch.ones(2))
+    torch.save({**state, "version": 1}, path)
+    assert read_resume(path) == (None, f"{path} is an okdpose resume checkpoint of version 1, this code reads "
+                                       "version 2")
+    save_checkpoint(path, tiny())
+    assert read_resume(path) == (None, f"{path} is not an okdpose resume checkpoint")
+    path.write_bytes(b"garbage")
+    state, why = read_resume(path)
+    assert state is None and why.startswith(f"{path} cannot be read (")

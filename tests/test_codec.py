@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from okdpose.codec import decode_heatmaps, encode_heatmaps, flip_back, get_max_preds, refine_quarter_pixel
-from okdpose.data.transforms import affine_points, get_affine_transform
+from okdpose.codec import HeatmapCodec, decode_heatmaps, encode_heatmaps, flip_back, get_max_preds, refine_quarter_pixel
+from okdpose.geometry import affine_points, get_affine_transform
 from okdpose.joints import BABYPOSE12
 
 
@@ -30,6 +30,14 @@ def test_no_refinement_at_the_border_and_zero_maps():
     coords, maxvals = get_max_preds(hm)
     assert refine_quarter_pixel(coords, hm)[0, 0].tolist() == [1.0, 1.0]
     assert coords[1, 1].tolist() == [0.0, 0.0] and maxvals[1, 1] == 0.0     # empty map -> 0, as the original
+
+
+def test_argmax_zeroes_non_positive_maps():
+    hm = np.full((1, 2, 4, 5), -1.0)
+    hm[0, 0, 3, 2] = 2.0
+    xy, mx = get_max_preds(hm)
+    np.testing.assert_array_equal(xy, [[[2, 3], [0, 0]]])
+    np.testing.assert_array_equal(mx, [[2.0, -1.0]])
 
 
 def _official_target(joints, vis, image_size, heatmap_size, sigma):
@@ -93,6 +101,30 @@ def test_encode_decode_round_trip():
     hm_px = scale[0, 0] * 200 / heatmap_size[0]              # frame pixels per heatmap pixel
     assert np.abs(coords[0] - frame_pts).max() <= 0.5 * hm_px + 1e-3
     np.testing.assert_allclose(maxvals, 1.0)
+
+
+def test_codec_round_trip_through_the_crop_and_its_checks():
+    codec = HeatmapCodec((96, 128), (24, 32), 2.0)
+    assert codec.stride == 4
+    rng = np.random.default_rng(2)
+    center, scale = np.array([[320.0, 240.0], [300.0, 260.0]]), np.array([[1.2, 1.6], [1.0, 4 / 3]])
+    joints = np.concatenate([rng.uniform([240, 150], [400, 330], (2, 12, 2)), np.full((2, 12, 1), 2.0)], axis=-1)
+    target, weight = codec.encode_frame(joints, center, scale)          # what a data set builds
+    assert target.shape == (2, 12, 32, 24) and weight.all()
+    frame, _ = codec.decode(target, center, scale)
+    hm_px = scale[:, :1, None] * 200 / 24                               # frame px per heatmap px
+    assert (np.abs(frame - joints[..., :2]) <= 0.5 * hm_px + 1e-3).all()
+    crop, _ = codec.decode_crop(target)                                 # heatmap px * stride
+    np.testing.assert_allclose(codec.crop_to_frame(crop, center, scale), frame, atol=1e-3)
+    kept = codec.joints_to_crop(joints, center, scale)
+    assert kept.shape == (2, 12, 3) and (kept[..., 2] == 2).all()
+    np.testing.assert_allclose(kept[..., :2], codec.frame_to_crop(joints[..., :2], center, scale), atol=1e-4)
+    np.testing.assert_allclose(codec.crop_px_per_frame_px(scale), 96 / (scale[:, 0] * 200))
+    for image, heatmap in (((96, 128), (25, 32)), ((96, 128), (24, 16))):
+        with pytest.raises(ValueError, match="same whole number"):
+            HeatmapCodec(image, heatmap, 2.0)
+    with pytest.raises(ValueError, match="sigma"):
+        HeatmapCodec((96, 128), (24, 32), 0.0)
 
 
 def test_flip_back_numpy_and_torch():

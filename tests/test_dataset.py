@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from okdpose.codec import decode_heatmaps
+from okdpose.codec import HeatmapCodec, decode_heatmaps
 from okdpose.data import PoseDataset
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import denormalize
@@ -16,7 +16,7 @@ HEATMAP = (TINY_IMAGE_SIZE[0] // 4, TINY_IMAGE_SIZE[1] // 4)
 
 
 def make(prepared, **kw):
-    args = dict(split="train", spec=BABYPOSE12, image_size=TINY_IMAGE_SIZE, heatmap_size=HEATMAP, sigma=1.0)
+    args = dict(split="train", spec=BABYPOSE12, codec=HeatmapCodec(TINY_IMAGE_SIZE, HEATMAP, 1.0))
     args.update(kw)
     return PoseDataset(prepared, **args)
 
@@ -101,7 +101,7 @@ def test_detection_boxes(tiny_prepared):
 
 
 def test_other_image_size_falls_back_to_frames(tiny_prepared):
-    ds = make(tiny_prepared, image_size=(96, 128), heatmap_size=(24, 32))
+    ds = make(tiny_prepared, codec=HeatmapCodec((96, 128), (24, 32), 1.0))
     assert not ds.use_cache and ds[0][0].shape == (3, 128, 96)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from okdpose.inference import METRIC_KEYS
+from okdpose.evaluation import METRIC_KEYS
 from okdpose.joints import BABYPOSE12
 from okdpose.model import MultiOutHRNet, save_checkpoint
 
@@ -73,7 +73,7 @@ def test_stage_writes_every_output_and_its_ap_is_pycocotools(tmp_path, tiny_prep
     monkeypatch.setattr(inference, "predict", near_ground_truth)
     setup_root(tmp_path, tiny_prepared)
     metrics = run_stage(tmp_path, monkeypatch)
-    assert "no mlflow_run_id" in capsys.readouterr().out
+    assert "not logged to MLflow (tracking is off)" in capsys.readouterr().err
     assert {k: metrics[k] for k in ("split", "use_gt_bbox", "flip_test")} == \
         {"split": "test", "use_gt_bbox": True, "flip_test": False}
     assert [k for k in metrics if k.startswith("stage")] == ["stage1", "stage2"]
@@ -148,5 +148,5 @@ def test_logs_into_the_training_run(tmp_path, tiny_prepared, monkeypatch):
 def test_tracking_enabled_without_a_training_run_starts_no_run(tmp_path, tiny_prepared, monkeypatch, capsys):
     setup_root(tmp_path, tiny_prepared, tracking=True, num_images=0)
     run_stage(tmp_path, monkeypatch)
-    assert "no mlflow_run_id" in capsys.readouterr().out
+    assert "no mlflow_run_id" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()

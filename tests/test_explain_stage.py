@@ -29,6 +29,7 @@ class FakeRun:
 
 class FakeTracker:
     runs: list = []
+    enabled = True
 
     @classmethod
     def from_params(cls, params, root=None):
@@ -59,7 +60,7 @@ def run_stage() -> None:
 
 def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, capsys):
     run_stage()                                     # no metrics/train.json yet: nothing logged
-    assert "nothing logged" in capsys.readouterr().out and FakeTracker.runs == []
+    assert "not logged to MLflow" in capsys.readouterr().err and FakeTracker.runs == []
     pngs = sorted((root / "plots" / "explain").glob("*.png"))
     npzs = sorted((root / "results" / "explain").glob("*.npz"))
     assert len(pngs) == len(npzs) == 2 and [p.stem for p in pngs] == [p.stem for p in npzs]
@@ -89,6 +90,7 @@ def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, ca
 
 @pytest.mark.parametrize("change, words", [
     ("no model", ["models/model.pt", "dvc repro train-okd"]),
+    ({"model": {"width": 8, "n_stage": 3}}, ["models/model.pt", "'width': 4", "'width': 8", "dvc repro train-okd"]),
     ({"explain": {"layers": ["stage3.9"]}}, ["'stage3.9'", "feature_taps.0", "stage3.3.branches.2"]),
 ])
 def test_stage_errors_name_the_fix(root, change, words):

@@ -12,10 +12,9 @@ from okdpose.losses import (
     joints_mse,
     kl_distill,
     kld_weight_from_original,
-    okd_loss,
     original_kld_weight,
 )
-from okdpose.params import Params, params_from_dict
+from okdpose.params import LossParams, Params, ParamsError, params_from_dict
 
 H, W, J = 64, 48, 12
 
@@ -203,8 +202,8 @@ def _expected(outs, target, weight, stages, couples, use_mse, use_kld, kw, tw, u
 def test_okd_total_composition(couples, use_mse):
     outs, target, weight = _outputs()
     stages = (1, 2, 3, 4)
-    loss = OKDLoss(output_stages=stages, couples=couples, use_mse=use_mse, use_kld=True,
-                   kld_weight=7.8125, teacher_weight=2.0)
+    loss = OKDLoss(LossParams(kld_couples=couples, use_mse=use_mse, use_kld=True, kld_weight=7.8125,
+                              teacher_weight=2.0), stages)
     total, terms = loss(outs, target, weight, consistency=0.5)
     expected = _expected(outs, target, weight, stages, couples, use_mse, True, 7.8125, 2.0, cons=0.5)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -224,19 +223,18 @@ def test_okd_total_composition(couples, use_mse):
     assert [o.grad is not None for o in outs] == [s in in_couple for s in stages]
 
 
-def test_okd_functional_equals_callable_and_target_weight():
+def test_okd_target_weight():
     outs, target, weight = _outputs()
-    kw = dict(output_stages=(1, 2, 3, 4), couples=((2, 4), (3, 4)), use_mse=True, use_kld=True,
-              kld_weight=1.5, teacher_weight=1.0, use_target_weight=True)
-    total, _ = okd_loss(outs, target, weight, **kw)
-    total2, _ = OKDLoss(**kw)(outs, target, weight)
+    loss = OKDLoss(LossParams(kld_couples=((2, 4), (3, 4)), use_mse=True, use_kld=True, kld_weight=1.5,
+                              teacher_weight=1.0, use_target_weight=True), (1, 2, 3, 4))
+    total, _ = loss(outs, target, weight)
     expected = _expected(outs, target, weight, (1, 2, 3, 4), ((2, 4), (3, 4)), True, True, 1.5, 1.0, utw=True)
-    assert total.item() == pytest.approx(total2.item()) == pytest.approx(expected.item(), rel=1e-6)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_okd_mse_only_without_kld_supervises_couple_students():
     outs, target, weight = _outputs()
-    total, terms = OKDLoss(output_stages=(1, 2, 3, 4), couples=((3, 4),), use_mse=True, use_kld=False)(outs, target, weight)
+    total, terms = OKDLoss(LossParams(kld_couples=((3, 4),), use_mse=True, use_kld=False), (1, 2, 3, 4))(outs, target, weight)
     assert set(terms) == {"mse_teacher", "mse_stage3", "total"}
     assert total.item() == pytest.approx((joints_mse(outs[3], target) + joints_mse(outs[2], target)).item(), rel=1e-6)
 
@@ -244,12 +242,13 @@ def test_okd_mse_only_without_kld_supervises_couple_students():
 def test_okd_single_output_and_truncated_model():
     outs, target, weight = _outputs(n=1)
     # multi: false -> only the last stage; the couples in params are unused without KD
-    total, terms = OKDLoss(output_stages=(4,), couples=((3, 4),), use_mse=True, use_kld=False, teacher_weight=3.0)(outs, target, weight)
+    total, terms = OKDLoss(LossParams(kld_couples=((3, 4),), use_mse=True, use_kld=False, teacher_weight=3.0),
+                           (4,))(outs, target, weight)
     assert set(terms) == {"mse_teacher", "total"}
     assert total.item() == pytest.approx(3.0 * joints_mse(outs[0], target).item(), rel=1e-6)
 
     outs, target, weight = _outputs(n=3)
-    total, terms = OKDLoss(output_stages=(1, 2, 3), couples=((2, 3),))(outs, target, weight)
+    total, terms = OKDLoss(LossParams(kld_couples=((2, 3),)), (1, 2, 3))(outs, target, weight)
     expected = _expected(outs, target, weight, (1, 2, 3), ((2, 3),), True, True, 1.0, 1.0)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert {"mse_stage2", "kl_2_3"} <= set(terms)
@@ -257,36 +256,40 @@ def test_okd_single_output_and_truncated_model():
 
 def test_okd_detach_teacher_leaves_teacher_gradient_to_its_mse():
     outs, target, weight = _outputs()
-    total, _ = OKDLoss(output_stages=(1, 2, 3, 4), couples=((3, 4),), detach_teacher=True)(outs, target, weight)
+    total, _ = OKDLoss(LossParams(kld_couples=((3, 4),), detach_teacher=True), (1, 2, 3, 4))(outs, target, weight)
     total.backward()
     ref = outs[3].detach().clone().requires_grad_(True)
     joints_mse(ref, target).backward()
     assert torch.allclose(outs[3].grad, ref.grad)
 
     outs, target, weight = _outputs()
-    total, _ = OKDLoss(output_stages=(1, 2, 3, 4), couples=((3, 4),), detach_teacher=False)(outs, target, weight)
+    total, _ = OKDLoss(LossParams(kld_couples=((3, 4),), detach_teacher=False), (1, 2, 3, 4))(outs, target, weight)
     total.backward()
     assert not torch.allclose(outs[3].grad, ref.grad)
 
 
 def test_okd_from_params_and_bad_configs():
     p = Params().validate()
-    loss = OKDLoss.from_params(p.loss, p.output_stages())
-    assert loss.output_stages == (1, 2, 3, 4) and loss.couples == ((1, 4), (2, 4), (3, 4))
-    assert loss.student_stages == (1, 2, 3)
+    loss = OKDLoss(p.loss, p.output_stages())
+    assert loss.output_stages == (1, 2, 3, 4) and loss.params.kld_couples == ((1, 4), (2, 4), (3, 4))
+    assert loss.student_stages == (1, 2, 3) and loss.trained_stages == (1, 2, 3, 4)
     p2 = params_from_dict({"model": {"multi": False}, "loss": {"use_kld": False}})
-    loss2 = OKDLoss.from_params(p2.loss, p2.output_stages())
-    assert loss2.output_stages == (4,) and loss2.student_stages == ()
+    loss2 = OKDLoss(p2.loss, p2.output_stages())
+    assert loss2.output_stages == (4,) and loss2.student_stages == () and loss2.trained_stages == (4,)
+    p3 = params_from_dict({"loss": {"kld_couples": [[3, 4]]}})         # stages 1 and 2 get no loss
+    assert OKDLoss(p3.loss, p3.output_stages()).trained_stages == (3, 4)
 
     with pytest.raises(ValueError, match="model outputs"):
-        OKDLoss(output_stages=(1, 2, 3), couples=((3, 4),))
+        OKDLoss(LossParams(kld_couples=((3, 4),)), (1, 2, 3))
     with pytest.raises(ValueError, match="after the student"):
-        OKDLoss(output_stages=(1, 2, 3, 4), couples=((4, 3),))
+        OKDLoss(LossParams(kld_couples=((4, 3),)), (1, 2, 3, 4))
     with pytest.raises(ValueError, match="multi-output"):
-        OKDLoss(output_stages=(4,), couples=((3, 4),), use_kld=True)
+        OKDLoss(LossParams(kld_couples=((3, 4),), use_kld=True), (4,))
+    with pytest.raises(ParamsError, match="loss.temperature must be > 0"):
+        OKDLoss(LossParams(kld_couples=((3, 4),), temperature=0.0), (1, 2, 3, 4))
     outs, target, _ = _outputs(n=3)
     with pytest.raises(ValueError, match="3 outputs"):
-        OKDLoss(output_stages=(1, 2, 3, 4), couples=((3, 4),))(outs, target)
+        OKDLoss(LossParams(kld_couples=((3, 4),)), (1, 2, 3, 4))(outs, target)
 
 
 def test_consistency_ramp_up_matches_original_formula():
@@ -297,4 +300,4 @@ def test_consistency_ramp_up_matches_original_formula():
     assert consistency_weight(5, 5) == 1.0
     assert consistency_weight(50, 5) == 1.0
     assert consistency_weight(-1, 5) == pytest.approx(math.exp(-5.0))
-    assert OKDLoss(output_stages=(1, 2), couples=((1, 2),), rampup_epochs=4).consistency(2) == pytest.approx(math.exp(-1.25))
+    assert OKDLoss(LossParams(kld_couples=((1, 2),), rampup_epochs=4), (1, 2)).consistency(2) == pytest.approx(math.exp(-1.25))

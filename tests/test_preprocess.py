@@ -14,7 +14,7 @@ import yaml
 
 from okdpose.data.coco import (DataError, crops_path, load_meta, load_records, prepare_dataset, read_frame, to_uint8)
 from okdpose.data.layout import annotation_file, detection_file
-from okdpose.data.transforms import box_to_center_scale, crop
+from okdpose.geometry import box_to_center_scale, crop_image
 from okdpose.joints import BABYPOSE12, COCO17
 
 from conftest import DEPTH_RANGE, TINY_IMAGE_SIZE
@@ -53,7 +53,7 @@ def test_prepared_records_crops_and_report(tiny_raw, tmp_path):
     # the cached crop is exactly the warp of the decoded frame
     frame = read_frame(tiny_raw / str(recs.images[recs.image[0]]), DEPTH_RANGE)
     cache = np.load(crops_path(out, "val", "gt"))
-    np.testing.assert_array_equal(cache[0, ..., 0], crop(frame, recs.center[0], recs.scale[0], TINY_IMAGE_SIZE))
+    np.testing.assert_array_equal(cache[0, ..., 0], crop_image(frame, recs.center[0], recs.scale[0], TINY_IMAGE_SIZE))
     dets = load_records(out, "val", "det")
     assert (dets.joints == 0).all() and (dets.ann_id == -1).all() and len(np.load(crops_path(out, "val", "det"))) == len(dets)
     v = report["splits"]["train"]["joints"]

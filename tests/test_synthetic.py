@@ -73,14 +73,16 @@ def test_chirality_supine_infant_seen_from_above():
     assert head[1] < uv[2, 1] < uv[8, 1]                              # head above shoulders above hips
 
 
-def test_occluders_and_camera_shift_change_visibility():
-    def vis_counts(**kw):
+def test_occluders_and_camera_shift_change_visibility(tmp_path):
+    def vis_counts(name, **kw):
         cfg = replace(TINY, subjects=(2, 1, 1), frames_per_subject=8, **kw)
-        v = np.concatenate([k[:, 2] for _, _, k in syn.iter_frames(cfg, "train")])
+        syn.generate_dataset(tmp_path / name, cfg, progress=False)
+        anns = json.loads(annotation_file(tmp_path / name, "train").read_text())["annotations"]
+        v = np.concatenate([np.array(a["keypoints"]).reshape(12, 3)[:, 2] for a in anns])
         return (v == 2).mean(), (v == 1).mean(), (v == 0).mean()
 
-    clean = vis_counts(occluder_prob=0.0, out_of_frame_prob=0.0)
-    busy = vis_counts(occluder_prob=1.0, out_of_frame_prob=1.0)
+    clean = vis_counts("clean", occluder_prob=0.0, out_of_frame_prob=0.0)
+    busy = vis_counts("busy", occluder_prob=1.0, out_of_frame_prob=1.0)
     assert busy[1] > clean[1] + 0.1          # blankets, cables and hands occlude joints (v = 1)
     assert busy[2] > clean[2]                # shifted cameras push joints out of the frame (v = 0)
     assert clean[0] > 0.6

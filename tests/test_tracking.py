@@ -89,7 +89,7 @@ def test_disabled_tracking_never_imports_mlflow(tmp_path):
                         Tracker.from_params(TrackingParams(enabled=True)) if os.environ.get("OKDPOSE_TRACKING") == "0" else None):
             with tracker.run(run_name="x", tags={"a": 1}) as run:
                 run.log_params({"a": 1}); run.log_metrics({"m": 1.0}, step=1); run.set_tags({"t": "v"})
-                run.log_artifact("nope.txt"); run.log_dict({"a": 1}, "a.json"); run.log_text("t", "t.txt")
+                run.log_artifact("nope.txt")
                 assert run.id is None and not run.enabled
         assert "mlflow" not in sys.modules, "a disabled tracker imported mlflow"
         print("ok")
@@ -109,6 +109,9 @@ def test_run_logs_params_metrics_artifacts(env, store_root, tmp_path, caplog, ca
     env.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     report = tmp_path / "train.json"
     report.write_text(json.dumps({"best": 0.5}))
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "a.csv").write_text("x\n1\n")
     params = Params().validate().flat()
     with caplog.at_level(logging.INFO):
         with Tracker.from_params(TrackingParams(experiment="okd-test")).run(tags={"note": "unit"}) as run:
@@ -118,8 +121,7 @@ def test_run_logs_params_metrics_artifacts(env, store_root, tmp_path, caplog, ca
             for epoch in range(3):
                 run.log_metrics({"stage4.AP": 0.1 * epoch, "loss/total": 1.0 / (epoch + 1), "PCK@0.2": 0.5}, step=epoch)
             run.log_artifact(report, artifact_path="metrics")
-            run.log_dict({"a": [1, 2]}, "eval/a.json")
-            run.log_text("hello", "notes.txt")
+            run.log_artifact(plots, artifact_path="eval")              # a folder: its files
             run.set_tags({"dvc.exp_rev": "b" * 40})
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     out, err = capfd.readouterr()
@@ -143,7 +145,8 @@ def test_run_logs_params_metrics_artifacts(env, store_root, tmp_path, caplog, ca
     art = Path(client.download_artifacts(run.id, "metrics/train.json", str(tmp_path / "dl")))
     assert json.loads(art.read_text()) == {"best": 0.5}
     assert Path(got.info.artifact_uri.removeprefix("file://")).is_relative_to(store_root / "mlruns")
-    assert {f.path for f in client.list_artifacts(run.id)} == {"metrics", "eval", "notes.txt"}
+    assert {f.path for f in client.list_artifacts(run.id)} == {"metrics", "eval"}
+    assert [f.path for f in client.list_artifacts(run.id, "eval")] == ["eval/a.csv"]
 
 
 def test_resuming_a_run_appends_to_it(env, store_root, caplog):

@@ -1,6 +1,7 @@
 """stages/train_okd.py end to end on the tiny data: outputs, kill-and-resume, tracking, dvc.yaml."""
 import csv
 import json
+import logging
 import os
 import runpy
 import signal
@@ -85,15 +86,16 @@ def test_stage_trains_and_writes_every_output(tiny_prepared, tmp_path, monkeypat
     assert float(read_csv(plots / "losses.csv")[0]["kl_weight"]) == 0.5
 
 
-def test_changed_params_start_fresh_and_bad_init_names_the_fix(tiny_prepared, tmp_path, monkeypatch, capsys):
+def test_changed_params_start_fresh_and_bad_init_names_the_fix(tiny_prepared, tmp_path, monkeypatch, caplog):
     root = project(tmp_path, tiny_prepared, train={"epochs": 1})
     run_stage(root, monkeypatch)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["loss"]["kld_weight"] = 0.25
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    m = run_stage(root, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="okdpose.train"):
+        m = run_stage(root, monkeypatch)
     assert m["resumed_from_epoch"] is None
-    assert "loss.kld_weight: 0.5 -> 0.25" in capsys.readouterr().err
+    assert "loss.kld_weight: 0.5 -> 0.25" in caplog.text and "starting fresh" in caplog.text
     params["model"]["width"] = 6
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(SystemExit) as err:
@@ -118,7 +120,7 @@ KILLER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_prepared, tmp_path, monkeypatch, capsys):
+def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_prepared, tmp_path, monkeypatch, caplog):
     # augmentation on: the resumed run must also restore the RNG that draws flips/rotations
     aug = {"data": {"augment": {"flip": True, "rotation": 30.0, "scale": 0.25}}}
     a = project(tmp_path / "a", tiny_prepared, **aug)     # uninterrupted (in this process, one thread)
@@ -133,8 +135,9 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_prepared, tmp
     assert torch.load(b / "models" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (b / "metrics" / "train.json").exists()
     (b / "models" / "model.pt").unlink()          # as DVC does before re-running the stage
-    mb = run_stage(b, monkeypatch)
-    assert "resuming from models/last.pt: epoch 1/2 done" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="okdpose.train"):
+        mb = run_stage(b, monkeypatch)
+    assert "resuming from models/last.pt: epoch 1/2 done" in caplog.text
 
     assert mb["resumed_from_epoch"] == 1 and ma["resumed_from_epoch"] is None
     for key in ("best", "final", "epochs_run", "selection"):

@@ -4,7 +4,7 @@
 
     ctx = init_from_env("cpu")                 # reads RANK / WORLD_SIZE / LOCAL_RANK; single process: no-op
     model = wrap(model.to(ctx.device), ctx)    # DistributedDataParallel when world_size > 1
-    Trainer(..., sampler_factory=sampler_factory(train_set, ctx, seed), is_main=ctx.is_main)
+    Trainer(..., ctx=ctx, sampler_factory=sampler_factory(train_set, ctx, seed))
 
 Each rank trains on its `DistributedSampler` shard (shuffled from (seed, epoch), padded to equal
 length); DDP averages the gradients, so R ranks x batch b step like one process with batch R*b
@@ -96,11 +96,6 @@ def sampler_factory(dataset: Dataset, ctx: DistContext, seed: int) -> Optional[C
         return sampler
 
     return make
-
-
-def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    return dist.get_rank() if active() else 0
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

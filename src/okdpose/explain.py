@@ -1,4 +1,5 @@
-"""EigenCAM per stage: an adapter over pytorch-grad-cam's `EigenCAM`, target layers, CAM scores.
+"""EigenCAM per stage: an adapter over pytorch-grad-cam's `EigenCAM`, the target layers of a
+multi-output HRNet, and the explained samples (maps with the crops, boxes, joints, predictions).
 
 Legend: B images, C channels, (h, w) a layer's map, (H, W) the input crop, J joints; points are
 (x, y) crop pixels; boxes are (x0, y0, x1, y1) crop pixels; sizes (w, h).
@@ -17,25 +18,24 @@ class in tests/test_explain.py:
   `torch.no_grad()` (no gradients are needed, so the list output and `targets` never reach
   grad-cam's gradient code, which breaks on them);
 - an economy SVD (`full_matrices=False`) in place of stock's full one, which builds the
-  (h*w) x (h*w) matrix U (1-2 s per image on a 64x48 map, gigabytes at 128x96) that is
-  never used. Both calls run LAPACK `gesdd` and differ only in how much of U it forms; the first
-  right-singular vector, sign included, comes from the same computation, so the maps equal
-  stock's (the sign itself stays arbitrary, as in stock: see the README);
+  (h*w) x (h*w) matrix U that is never used (slow, and gigabytes at 128x96). Both calls run
+  LAPACK `gesdd` and differ only in how much of U it forms; the first right-singular vector,
+  sign included, comes from the same computation, so the maps equal stock's (the sign itself
+  stays arbitrary, as in stock: see the README);
 - the model is left as found: hooks released and every module's train/eval mode restored
   (constructing a grad-cam CAM calls `model.eval()`), also when an error is raised, which is
   never swallowed (stock `__exit__` swallows IndexError).
 
 Maps come at the input resolution, bilinearly upsampled from the layer's, and min-max scaled to
-[0, 1] per image, as stock. Scores (`energy_in_box`, `pointing_hit`, `cam_scores`) are pure numpy.
+[0, 1] per image, as stock. Their scores are `okdpose.cam_scores`', their pictures
+`okdpose.viz.explain_picture`.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
 from pytorch_grad_cam import EigenCAM
@@ -43,12 +43,10 @@ from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
 
-from okdpose.codec import decode_heatmaps
-from okdpose.data.transforms import PIXEL_STD, affine_points, get_affine_transform
-from okdpose.joints import JointSpec
+from okdpose.cam_scores import pointing_radius
+from okdpose.data.dataset import PoseDataset, denormalize
 from okdpose.model.fuse import cached_inference_copy
 from okdpose.model.hrnet import HRNetTrunk
-from okdpose.viz import cam_overlay, draw_skeleton, put_label, tile_table
 
 
 class LayerError(ValueError):
@@ -197,13 +195,14 @@ def eigencam(model: nn.Module, images: Tensor, layers: Sequence[str],
              batch_size: int = 16, fold_bn: bool = False) -> dict[str, np.ndarray]:
     """EigenCAM maps of `layers` (dotted module names) for `images` (B, 3, H, W), the normalised
     crops the model sees -> {name: (B, H, W) float32 in [0, 1]}; one forward pass per batch.
-    The maps equal stock grad-cam's bit for bit (tests/test_explain.py).
+    The maps equal stock grad-cam's up to float rounding (tests/test_explain.py: within 1e-6; bit
+    for bit on the CPUs measured so far, as both SVDs run the same LAPACK gesdd).
 
     `fold_bn=True` runs an HRNet as its `okdpose.model.fuse.cached_inference_copy` instead (BN
     folded into the convs, except where a target layer is a folded conv or BN; channels-last on
-    CPU; made once per state of the model, 0.5-0.75 s for a W32): the forward pass, most of the time,
-    gets faster (`python -m okdpose.bench`), and the maps then equal stock's only up to float
-    rounding (|diff| ~1e-6 to 1e-5 on the [0, 1] maps)."""
+    CPU; made once per state of the model, as folding takes time): the forward pass, most of the
+    time, gets faster (`python -m okdpose.bench`), and the maps then equal stock's only up to
+    float rounding (|diff| ~1e-6 to 1e-5 on the [0, 1] maps)."""
     return eigencam_with_outputs(model, images, layers, batch_size, fold_bn)[0]
 
 
@@ -269,153 +268,40 @@ def cam_targets(model: nn.Module, stages: Optional[Sequence[int]] = None, heads:
     return targets
 
 
-# --------------------------------------------------------------------------- crop geometry
+# --------------------------------------------------------------------------- explained samples
 
-def box_in_crop(bbox: np.ndarray, center: np.ndarray, scale: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
-    """COCO boxes (B, 4) [x, y, w, h] frame px -> (B, 4) (x0, y0, x1, y1) crop px through each crop's
-    affine (rotation 0: the corners' bounding box is the exact image)."""
-    out = []
-    for (x, y, w, h), c, s in zip(np.asarray(bbox, np.float64), center, scale):
-        corners = affine_points(np.array([[x, y], [x + w, y], [x, y + h], [x + w, y + h]]),
-                                get_affine_transform(c, s, 0.0, image_size))
-        out.append([*corners.min(axis=0), *corners.max(axis=0)])
-    return np.asarray(out, dtype=np.float32)
+@dataclass(frozen=True)
+class ExplainSamples:
+    """Explained crops and what is drawn and scored on them, all in crop px (B images)."""
 
-
-def joints_in_crop(joints: np.ndarray, center: np.ndarray, scale: np.ndarray, image_size: Sequence[int]) -> np.ndarray:
-    """(B, J, 3) frame px + v -> (B, J, 3) crop px + v."""
-    trans = np.stack([get_affine_transform(c, s, 0.0, image_size) for c, s in zip(center, scale)])
-    j = np.asarray(joints, dtype=np.float64)
-    return np.concatenate([affine_points(j[..., :2], trans), j[..., 2:]], axis=-1).astype(np.float32)
+    names: list[str]                 # "<image_id:012d>_<ann_id>", one per image
+    crops: np.ndarray                # (B, H, W, 3) uint8 RGB: the crops the model saw
+    boxes: np.ndarray                # (B, 4) ground-truth boxes (x0, y0, x1, y1)
+    joints: np.ndarray               # (B, J, 3) ground truth + v
+    radius: np.ndarray               # (B,) pointing-game radius
+    preds: dict[int, np.ndarray]     # stage (1-based) -> (B, J, 3) decoded joints + heatmap maximum
+    cams: dict[str, np.ndarray]      # CamTarget.key -> (B, H, W) maps in [0, 1]
 
 
-def predictions_in_crop(heatmaps: np.ndarray, center: np.ndarray, scale: np.ndarray,
-                        image_size: Sequence[int]) -> np.ndarray:
-    """One stage's heatmaps (B, J, h, w) -> decoded joints (B, J, 3) crop px + max value."""
-    coords, maxvals = decode_heatmaps(heatmaps, center, scale)
-    trans = np.stack([get_affine_transform(c, s, 0.0, image_size) for c, s in zip(center, scale)])
-    return np.concatenate([affine_points(coords, trans), maxvals[..., None]], axis=-1).astype(np.float32)
-
-
-def pointing_radius(bbox: np.ndarray, scale: np.ndarray, image_size: Sequence[int], fraction: float) -> np.ndarray:
-    """`fraction` * max(box w, h) frame px (the PCK normaliser of okdpose.metrics.pck) -> (B,) crop px."""
-    box_size = np.asarray(bbox, np.float64)[:, 2:4].max(axis=1)
-    crop_per_frame_px = float(image_size[0]) / (np.asarray(scale, np.float64)[:, 0] * PIXEL_STD)
-    return (fraction * box_size * crop_per_frame_px).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- scores (pure numpy)
-
-def box_mask(box: Sequence[float], shape: Sequence[int]) -> np.ndarray:
-    """(H, W) bool: pixels whose centre (x, y) = (column, row) lies in the box (x0, y0, x1, y1)."""
-    h, w = int(shape[0]), int(shape[1])
-    x0, y0, x1, y1 = box
-    xs, ys = np.arange(w), np.arange(h)
-    return ((ys >= y0) & (ys <= y1))[:, None] & ((xs >= x0) & (xs <= x1))[None, :]
-
-
-def energy_in_box(cam: np.ndarray, box: Sequence[float]) -> float:
-    """Share of the map's total (non-negative) energy inside the box: 1.0 all in, 0.0 none; NaN
-    for an all-zero map. A uniform map scores the box's area share (see `cam_scores` baseline)."""
-    cam = np.asarray(cam, np.float64)
-    total = cam.sum()
-    return float(cam[box_mask(box, cam.shape)].sum() / total) if total > 0 else math.nan
-
-
-def pointing_hit(cam: np.ndarray, joints: np.ndarray, radius: float, min_visibility: int = 2) -> Optional[bool]:
-    """Pointing game: is the map's peak (first argmax) within `radius` px of a joint (J, 3) with
-    v >= `min_visibility`? None when no joint qualifies or the map is all zero."""
-    cam = np.asarray(cam)
-    j = np.asarray(joints, np.float64)
-    pts = j[j[:, 2] >= min_visibility, :2]
-    if len(pts) == 0 or not cam.max() > 0:
-        return None
-    y, x = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return bool(np.min(np.hypot(pts[:, 0] - x, pts[:, 1] - y)) <= radius)
-
-
-def pointing_chance(shape: Sequence[int], joints: np.ndarray, radius: float, min_visibility: int = 2) -> Optional[float]:
-    """Hit rate of a peak drawn uniformly over the crop: the share of pixels within `radius` of a
-    qualifying joint (the pointing game's chance level for this image)."""
-    j = np.asarray(joints, np.float64)
-    pts = j[j[:, 2] >= min_visibility, :2]
-    if len(pts) == 0:
-        return None
-    ys, xs = np.mgrid[0:int(shape[0]), 0:int(shape[1])]
-    d2 = (xs[None] - pts[:, 0, None, None]) ** 2 + (ys[None] - pts[:, 1, None, None]) ** 2
-    return float((d2.min(axis=0) <= radius ** 2).mean())
-
-
-def cam_scores(maps: Mapping[str, np.ndarray], boxes: np.ndarray, joints: np.ndarray, radius: np.ndarray,
-               min_visibility: int = 2) -> dict[str, Any]:
-    """Mean scores over the images for each map set {key: (B, H, W)}, with boxes (B, 4) crop
-    (x0, y0, x1, y1), joints (B, J, 3) crop px + v and per-image radius (B,) px.
-
-    -> {group: {name: {"energy_in_box", "pointing_game"}}} for keys "group/name" (e.g.
-    out["stage2"]["head"]), plus "baseline": {"energy_in_box": box area share (a uniform map's
-    score), "pointing_game": chance hit rate}, "images", "pointing_images". Images without a
-    qualifying joint are left out of the pointing averages; NaN -> None.
-    """
-    b = len(boxes)
-    shape = next(iter(maps.values())).shape[1:] if maps else (0, 0)
-    out: dict[str, Any] = {}
-    for key, m in maps.items():
-        if m.shape[0] != b:
-            raise ValueError(f"maps[{key!r}] has {m.shape[0]} images, boxes {b}")
-        hits = [pointing_hit(m[i], joints[i], float(radius[i]), min_visibility) for i in range(b)]
-        scores = {"energy_in_box": _mean([energy_in_box(m[i], boxes[i]) for i in range(b)]),
-                  "pointing_game": _mean([float(h) for h in hits if h is not None])}
-        group, _, name = key.partition("/")
-        if name:
-            out.setdefault(group, {})[name] = scores
-        else:
-            out[key] = scores
-    chance = [pointing_chance(shape, joints[i], float(radius[i]), min_visibility) for i in range(b)]
-    area = [float(box_mask(boxes[i], shape).mean()) for i in range(b)]
-    out["baseline"] = {"energy_in_box": _mean(area), "pointing_game": _mean([c for c in chance if c is not None])}
-    out["images"] = b
-    out["pointing_images"] = sum(c is not None for c in chance)
-    return out
-
-
-def _mean(values: Sequence[float]) -> Optional[float]:
-    v = [x for x in values if not math.isnan(x)]
-    return round(float(np.mean(v)), 4) if v else None
-
-
-# --------------------------------------------------------------------------- pictures
-
-TILE_WIDTH = 128      # px; every crop is drawn at this width: captions stay legible, PNGs small
-
-
-def explain_picture(crop: np.ndarray, gt: np.ndarray, box: Sequence[float], preds: Mapping[int, np.ndarray],
-                    cams: Mapping[str, np.ndarray], targets: Sequence[CamTarget], spec: JointSpec) -> np.ndarray:
-    """One image's picture (uint8 BGR): column 0 the crop with the ground truth (skeleton, box) and
-    plain; then per stage its predicted skeleton above its CAM overlays (feature, head); then the
-    extra layers. crop: uint8 (H, W, 3) RGB; gt, preds[stage]: (J, 3) crop px; cams[key]: (H, W)."""
-    k = TILE_WIDTH / crop.shape[1]
-    size = (TILE_WIDTH, round(crop.shape[0] * k))
-    big = cv2.resize(np.ascontiguousarray(crop[..., ::-1]), size,                   # RGB -> BGR
-                     interpolation=cv2.INTER_LINEAR if k > 1 else cv2.INTER_AREA)
-
-    def scaled(joints: np.ndarray) -> np.ndarray:
-        j = np.asarray(joints, np.float64).copy()
-        j[:, :2] = (j[:, :2] + 0.5) * k - 0.5        # pixel centres of the resized crop
-        return j
-
-    x0, y0, x1, y1 = ((c + 0.5) * k - 0.5 for c in box)
-    columns: list[list[Optional[np.ndarray]]] = [[
-        draw_skeleton(big, scaled(gt), spec, box=(x0, y0, x1 - x0, y1 - y0), label="GT"),
-        put_label(big, "input")]]
-    by_stage: dict[int, list[CamTarget]] = {}
-    for t in targets:
-        if t.stage is not None:
-            by_stage.setdefault(t.stage, []).append(t)
-    for stage, ts in by_stage.items():
-        pred = scaled(preds[stage])
-        pred[:, 2] = 2                                   # draw every predicted joint as visible
-        columns.append([draw_skeleton(big, pred, spec, label=f"S{stage} pred")]
-                       + [cam_overlay(big, cams[t.key], label=f"S{stage} {t.kind}") for t in ts])
-    columns += [[None, cam_overlay(big, cams[t.key], label=t.layer)] for t in targets if t.stage is None]
-    height = max(len(c) for c in columns)
-    return tile_table([[c[r] if r < len(c) else None for c in columns] for r in range(height)])
+def explain_samples(model: nn.Module, dataset: PoseDataset, rows: Sequence[int], targets: Sequence[CamTarget],
+                    pointing_fraction: float) -> ExplainSamples:
+    """EigenCAM of `targets` on the dataset's `rows` (one forward pass per batch, whose per-stage
+    heatmaps give the predictions), with the ground truth mapped into the crops by the dataset's
+    codec; the pointing radius is `pointing_fraction` * max(box w, h)."""
+    samples = [dataset[int(i)] for i in rows]
+    images = torch.stack([s[0] for s in samples])
+    center, scale = np.stack([s[3]["center"] for s in samples]), np.stack([s[3]["scale"] for s in samples])
+    bbox, codec, r = dataset.records.bbox[rows], dataset.codec, dataset.records
+    maps, heatmaps = eigencam_with_outputs(model, images, [t.layer for t in targets])
+    preds = {}
+    for stage, hm in zip(model.output_stages, heatmaps):
+        coords, maxvals = codec.decode_crop(hm)
+        preds[stage] = np.concatenate([coords, maxvals[..., None]], axis=-1)
+    return ExplainSamples(
+        names=[f"{r.image_id[i]:012d}_{r.ann_id[i]}" for i in rows],
+        crops=np.stack([denormalize(image) for image in images]),
+        boxes=codec.box_to_crop(bbox, center, scale),
+        joints=codec.joints_to_crop(np.stack([s[3]["joints"] for s in samples]), center, scale),
+        radius=pointing_radius(bbox, codec.crop_px_per_frame_px(scale), pointing_fraction),
+        preds=preds,
+        cams={t.key: maps[t.layer] for t in targets})

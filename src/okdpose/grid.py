@@ -1,10 +1,12 @@
 """The original paper's experiment grid as queued DVC experiments, and its Table 1 from the results.
 
-    python -m okdpose.grid list                      # rows and the -S overrides each one sets
-    python -m okdpose.grid queue [--rows ...] [-S train.epochs=4] [--start -j 1]
-    dvc queue start -j 1 && dvc queue status         # (what --start does) run the queue
-    python -m okdpose.grid watch -j 1                # restart workers DVC stopped early, until the queue is empty
-    python -m okdpose.grid table [--out results/grid]   # Table 1 layout: markdown + CSV
+    okdpose grid list                      # rows and the -S overrides each one sets
+    okdpose grid queue [--rows ...] [-S train.epochs=4] [--start -j 1]
+    dvc queue start -j 1 && dvc queue status   # (what --start does) run the queue
+    okdpose grid watch -j 1                # restart workers DVC stopped early, until the queue is empty
+    okdpose grid table [--out results/grid]   # Table 1 layout: markdown + CSV
+
+(`python -m okdpose.grid ...` is the same command.)
 
 Rows follow Cacciatore et al. 2025, Table 1 (DESIGN.md §5), plus the temperature variants of the
 original experiment files (T = 2, 5, 10 for the (3, 4) couple). Everything a row does not set
@@ -14,11 +16,9 @@ the built-in data by default and at paper scale with the paper preset.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import shlex
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -175,17 +175,13 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_table(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    from okdpose.files import write_text
+    from okdpose.files import write_csv, write_text
 
     md, csv_path = out / "table1.md", out / "table1.csv"
     write_text(md, "Per-stage test metrics in %, student(s) / teacher (Table 1 layout; paper values from "
                    "Cacciatore et al. 2025 for comparison — theirs are W32, COCO-pretrained, real BabyPose).\n\n"
                + markdown_table(records))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(records[0]) if records else ["row"])
-    writer.writeheader()
-    writer.writerows(records)
-    write_text(csv_path, buf.getvalue())
+    write_csv(csv_path, records)
     return md, csv_path
 
 
@@ -223,8 +219,8 @@ def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sl
         sleep(interval)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m okdpose.grid", description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the rows and their overrides")
     q = sub.add_parser("queue", help="queue the rows as DVC experiments")

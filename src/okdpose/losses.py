@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from okdpose.params import LossParams
+from okdpose.params import LossParams
 
 
 # --------------------------------------------------------------------------- elementary losses
@@ -113,73 +112,55 @@ def consistency_weight(epoch: float, rampup_epochs: float) -> float:
 
 @dataclass(frozen=True)
 class OKDLoss:
-    """The OKD objective over a model's list of stage outputs (the last output is the teacher).
+    """The OKD objective over a model's list of stage outputs (the last output is the teacher),
+    configured by the `loss` params section as it is.
 
     total = teacher_weight * MSE(last)
           + [use_mse] sum_{students} MSE(student)
-          + [use_kld] consistency * kld_weight * sum_{(s, t) in couples} KL(s || t)
+          + [use_kld] consistency * kld_weight * sum_{(s, t) in kld_couples} KL(s || t)
 
-    `output_stages` gives the 1-based stage of each output (e.g. (1, 2, 3, 4), or (4,) for
-    multi: false); couples are 1-based (student, teacher) stages. Students are the stages that
-    appear as the student of a couple (the original supervises only those with MSE, also when
-    use_kld is off); a stage in no couple gets no loss. With a single output only the teacher
-    MSE applies. MSE uses the target weight only when `use_target_weight`; KL always uses it
-    when given (as the original).
+    `output_stages` gives the 1-based stage of each output (`Params.output_stages()`, e.g.
+    (1, 2, 3, 4), or (4,) for multi: false); couples are 1-based (student, teacher) stages.
+    Students are the stages that appear as the student of a couple (the original supervises only
+    those with MSE, also when use_kld is off); a stage in no couple gets no loss. With a single
+    output only the teacher MSE applies. MSE uses the target weight only when `use_target_weight`;
+    KL always uses it when given (as the original).
     """
 
+    params: LossParams
     output_stages: tuple[int, ...]
-    couples: tuple[tuple[int, int], ...] = ()
-    use_mse: bool = True
-    use_kld: bool = True
-    kld_weight: float = 1.0
-    teacher_weight: float = 1.0
-    temperature: float = 1.0
-    detach_teacher: bool = False
-    use_target_weight: bool = False
-    rampup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
+        self.params.validate("loss")
         object.__setattr__(self, "output_stages", tuple(int(s) for s in self.output_stages))
-        object.__setattr__(self, "couples", tuple((int(s), int(t)) for s, t in self.couples))
-        stages = self.output_stages
+        stages, p = self.output_stages, self.params
         if not stages or list(stages) != sorted(set(stages)):
             raise ValueError(f"output_stages must be increasing 1-based stages, got {stages}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.use_kld and len(stages) == 1 and self.couples:
+        if p.use_kld and len(stages) == 1 and p.kld_couples:
             raise ValueError("use_kld needs a multi-output model: a single output has no students")
-        if len(stages) > 1 and (self.use_kld or self.use_mse):
-            for s, t in self.couples:
+        if len(stages) > 1 and (p.use_kld or p.use_mse):
+            for s, t in p.kld_couples:
                 if s not in stages or t not in stages:
                     raise ValueError(f"couple ({s}, {t}): both stages must be model outputs {stages}")
                 if t <= s:
                     raise ValueError(f"couple ({s}, {t}): the teacher stage must come after the student")
 
-    @classmethod
-    def from_params(cls, loss: "LossParams", output_stages: Sequence[int]) -> "OKDLoss":
-        """Build from the `loss` params section and `Params.output_stages()`."""
-        return cls(
-            output_stages=tuple(output_stages),
-            couples=tuple(tuple(c) for c in loss.kld_couples),
-            use_mse=loss.use_mse,
-            use_kld=loss.use_kld,
-            kld_weight=loss.kld_weight,
-            teacher_weight=loss.teacher_weight,
-            temperature=loss.temperature,
-            detach_teacher=loss.detach_teacher,
-            use_target_weight=loss.use_target_weight,
-            rampup_epochs=loss.rampup_epochs,
-        )
-
     @property
     def student_stages(self) -> tuple[int, ...]:
         """1-based stages supervised by MSE besides the teacher (empty for a single output)."""
-        if len(self.output_stages) == 1 or not self.use_mse:
+        if len(self.output_stages) == 1 or not self.params.use_mse:
             return ()
-        return tuple(sorted({s for s, _ in self.couples}))
+        return tuple(sorted({s for s, _ in self.params.kld_couples}))
+
+    @property
+    def trained_stages(self) -> tuple[int, ...]:
+        """1-based stages whose output gets a gradient: the teacher, the students and, with
+        use_kld, both stages of every couple (the others are unused outputs under DDP)."""
+        kd = {s for c in self.params.kld_couples for s in c} if self.params.use_kld else set()
+        return tuple(sorted({self.output_stages[-1], *self.student_stages, *kd}))
 
     def consistency(self, epoch: float) -> float:
-        return consistency_weight(epoch, self.rampup_epochs)
+        return consistency_weight(epoch, self.params.rampup_epochs)
 
     def __call__(
         self,
@@ -196,50 +177,27 @@ class OKDLoss:
         """
         if len(outputs) != len(self.output_stages):
             raise ValueError(f"got {len(outputs)} outputs for output stages {self.output_stages}")
+        p = self.params
         index = {stage: i for i, stage in enumerate(self.output_stages)}
-        mse_weight = weight if self.use_target_weight else None
+        mse_weight = weight if p.use_target_weight else None
 
         teacher_mse = joints_mse(outputs[-1], target, mse_weight)
-        total = self.teacher_weight * teacher_mse
+        total = p.teacher_weight * teacher_mse
         terms: dict[str, Tensor] = {"mse_teacher": teacher_mse}
         for s in self.student_stages:
             mse = joints_mse(outputs[index[s]], target, mse_weight)
             terms[f"mse_stage{s}"] = mse
             total = total + mse
-        if self.use_kld and len(self.output_stages) > 1 and self.couples:
+        if p.use_kld and len(self.output_stages) > 1 and p.kld_couples:
             kl_sum = 0.0
-            for s, t in self.couples:
+            for s, t in p.kld_couples:
                 kl = kl_distill(outputs[index[s]], outputs[index[t]], weight,
-                                temperature=self.temperature, detach_teacher=self.detach_teacher)
+                                temperature=p.temperature, detach_teacher=p.detach_teacher)
                 terms[f"kl_{s}_{t}"] = kl
                 kl_sum = kl_sum + kl
-            kl_weight = consistency * self.kld_weight
+            kl_weight = consistency * p.kld_weight
             terms["kl_weight"] = torch.tensor(kl_weight)
             total = total + kl_weight * kl_sum
         terms["total"] = total
         return total, {k: v.detach() for k, v in terms.items()}
 
-
-def okd_loss(
-    outputs: Sequence[Tensor],
-    target: Tensor,
-    weight: Optional[Tensor] = None,
-    *,
-    output_stages: Sequence[int],
-    couples: Sequence[Sequence[int]] = (),
-    use_mse: bool = True,
-    use_kld: bool = True,
-    kld_weight: float = 1.0,
-    teacher_weight: float = 1.0,
-    temperature: float = 1.0,
-    detach_teacher: bool = False,
-    use_target_weight: bool = False,
-    consistency: float = 1.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Functional form of `OKDLoss` (same arguments, same result)."""
-    config = OKDLoss(
-        output_stages=tuple(output_stages), couples=tuple(tuple(c) for c in couples),
-        use_mse=use_mse, use_kld=use_kld, kld_weight=kld_weight, teacher_weight=teacher_weight,
-        temperature=temperature, detach_teacher=detach_teacher, use_target_weight=use_target_weight,
-    )
-    return config(outputs, target, weight, consistency=consistency)

@@ -5,7 +5,8 @@ frame pixels unless a function says heatmap pixels; box sizes are (w, h). The ev
 the training loop's validation both call these functions (one code path).
 
 - `coco_keypoint_ap`: COCO OKS AP/AR through pycocotools with our OKS sigmas.
-- `heatmap_pck`: the original HRNet `accuracy()` (PCK@0.5 in heatmap space, the paper's PCK).
+- `heatmap_pck_from_coords`: the original HRNet `accuracy()` (PCK@0.5 in heatmap space, the
+  paper's PCK) on argmax coordinates (`okdpose.codec.get_max_preds`).
 - `pck`: standard PCK@t of the box size, per joint; `pixel_error`: mean/median error.
 - `rescore`, `oks_nms`, `rescore_and_nms`: the original COCO evaluation with detection boxes.
 - `to_coco_results`: predictions -> COCO results records.
@@ -140,21 +141,6 @@ def to_coco_results(
 
 # --------------------------------------------------------------------------- PCK and pixel error
 
-def heatmap_argmax(heatmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer argmax per heatmap: (N, J, H, W) -> xy (N, J, 2) heatmap pixels, maxvals (N, J).
-
-    As the original `get_max_preds`: a heatmap whose maximum is <= 0 gets xy = (0, 0).
-    """
-    heatmaps = np.asarray(heatmaps)
-    n, j, h, w = heatmaps.shape
-    flat = heatmaps.reshape(n, j, h * w)
-    idx = flat.argmax(axis=2)
-    maxvals = np.take_along_axis(flat, idx[..., None], axis=2)[..., 0]
-    xy = np.stack([idx % w, idx // w], axis=2).astype(np.float64)
-    xy *= (maxvals > 0)[..., None]
-    return xy, maxvals.astype(np.float64)
-
-
 def heatmap_pck_from_coords(pred_xy: np.ndarray, target_xy: np.ndarray, heatmap_size: Sequence[int],
                             thr: float = 0.5) -> PCKResult:
     """The original heatmap-space PCK from argmax coordinates (N, J, 2) and heatmap_size (w, h).
@@ -170,14 +156,6 @@ def heatmap_pck_from_coords(pred_xy: np.ndarray, target_xy: np.ndarray, heatmap_
     valid = (target_xy[..., 0] > 1) & (target_xy[..., 1] > 1)          # (N, J)
     dists = np.linalg.norm((pred_xy - target_xy) / norm, axis=-1)       # (N, J)
     return _per_joint_rate(dists < thr, valid)
-
-
-def heatmap_pck(pred_heatmaps: np.ndarray, target_heatmaps: np.ndarray, thr: float = 0.5) -> PCKResult:
-    """The paper's PCK@0.5: HRNet `accuracy()` on (N, J, H, W) predicted and target heatmaps."""
-    pred_xy, _ = heatmap_argmax(pred_heatmaps)
-    target_xy, _ = heatmap_argmax(target_heatmaps)
-    h, w = np.shape(pred_heatmaps)[2:]
-    return heatmap_pck_from_coords(pred_xy, target_xy, (w, h), thr)
 
 
 def pck(pred: np.ndarray, gt: np.ndarray, visible: np.ndarray, box_size: np.ndarray,

@@ -31,7 +31,8 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    """The built-in BabyPose-like generator (data.source: synthetic)."""
+    """The built-in BabyPose-like generator (data.source: synthetic), as
+    `okdpose.data.synthetic.generate_dataset` takes it."""
 
     seed: int = 0
     subjects: tuple[int, int, int] = (8, 2, 2)     # train / val / test subjects (split by subject)

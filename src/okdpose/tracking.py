@@ -26,7 +26,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:
     from okdpose.params import TrackingParams
@@ -114,12 +114,6 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: Optional[str] = None) -> None:
         """A file or a folder, under `artifact_path` in the run's artifacts."""
 
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        """A JSON/YAML-serialisable object as an artifact file (.json or .yaml)."""
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """A text artifact file."""
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """{key: value}; values become strings."""
 
@@ -182,14 +176,6 @@ class _MlflowRun(Run):
                 self._client.log_artifact(self.id, str(path), artifact_path)
             else:
                 raise FileNotFoundError(f"no such file or folder: {path}")
-
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        with self._guard(f"log_dict({artifact_file})"):
-            self._client.log_dict(self.id, obj, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        with self._guard(f"log_text({artifact_file})"):
-            self._client.log_text(self.id, text, artifact_file)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -355,10 +341,12 @@ def pipeline_run_id(train_metrics: str | Path) -> Optional[str]:
 
 
 def log_to_pipeline_run(params: "TrackingParams", train_metrics: str | Path, stage: str,
-                        metrics: Mapping[str, Any], artifacts: Mapping[str, str | Path] = (),
+                        metrics: Mapping[str, Any],
+                        artifacts: Mapping[str, str | Path] | Sequence[tuple[str, str | Path]] = (),
                         tags: Optional[Mapping[str, Any]] = None) -> Optional[str]:
     """Log a later stage's numbers into the training run: `metrics` flattened under `stage.`
-    (non-numbers and None dropped), `artifacts` {artifact folder: path}, `tags`. -> the run id,
+    (non-numbers and None dropped), `artifacts` {artifact folder: path} or (folder, path) pairs
+    (several files into one folder), `tags`. -> the run id,
     or None with one line on stderr saying why nothing was logged. Never raises for tracking."""
     import sys
 
@@ -376,6 +364,6 @@ def log_to_pipeline_run(params: "TrackingParams", train_metrics: str | Path, sta
         run.log_metrics(numbers)
         if tags:
             run.set_tags(tags)
-        for folder, path in dict(artifacts).items():
+        for folder, path in (artifacts.items() if isinstance(artifacts, Mapping) else artifacts):
             run.log_artifact(path, folder)
     return run_id

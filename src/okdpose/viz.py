@@ -6,13 +6,18 @@ right side is drawn in orange, the left in blue, so left/right swaps are easy to
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import cv2
 import numpy as np
 
 from okdpose.files import atomic_path
 from okdpose.joints import JointSpec
+
+if TYPE_CHECKING:                 # for annotations only: viz needs neither torch nor grad-cam
+    from okdpose.evaluation import EvalReport
+    from okdpose.explain import CamTarget
+    from okdpose.inference import Predictions
 
 RIGHT_COLOR = (0, 140, 255)     # BGR orange
 LEFT_COLOR = (255, 120, 0)      # BGR blue
@@ -171,3 +176,71 @@ def compare_poses(image: np.ndarray, gt: np.ndarray, preds: Sequence[np.ndarray]
         tiles.append(draw_skeleton(tile, q, spec, radius=radius, thickness=max(1, radius // 2),
                                    label=labels[i] if labels else None))
     return image_grid(tiles, cols=len(tiles))
+
+
+# --------------------------------------------------------------------------- evaluation pictures
+
+def pose_examples(dataset: Any, preds: Predictions, report: EvalReport, num: int) -> list[np.ndarray]:
+    """Pictures (BGR uint8) of `num` evenly spaced annotations matched in the last stage: the model
+    input crop (from `dataset`, the PoseDataset `preds` came from) with the ground truth under
+    each stage's prediction, one tile per stage (`compare_poses`)."""
+    from okdpose.data.dataset import denormalize        # torch: imported only when drawing these
+    from okdpose.inference import base_dataset
+
+    base = base_dataset(dataset)
+    codec = preds.codec
+    last = report.matches[preds.stages[-1]]
+    anns = np.flatnonzero(last >= 0)
+    if not num or not anns.size:
+        return []
+    pictures = []
+    for a in anns[np.unique(np.linspace(0, len(anns) - 1, num).round().astype(int))]:
+        row = int(last[a])
+        center, scale = preds.centers[row], preds.scales[row]
+        gt = np.asarray(report.annotations[a]["keypoints"], np.float64).reshape(-1, 3)
+        err = np.linalg.norm(preds.coords[:, row] - gt[None, :, :2], axis=-1)[:, gt[:, 2] > 0]      # (S, visible)
+        crop_gt = np.concatenate([codec.frame_to_crop(gt[:, :2], center, scale), gt[:, 2:]], axis=1)
+        image = denormalize(base[int(preds.indices[row])][0])[..., ::-1]          # RGB -> BGR
+        labels = [f"stage{k} {e.mean():.1f}px" if e.size else f"stage{k}" for k, e in zip(preds.stages, err)]
+        crop_preds = [codec.frame_to_crop(c, center, scale) for c in preds.coords[:, row]]
+        pictures.append(compare_poses(image, crop_gt, crop_preds, base.spec, labels,
+                                      upscale=max(1, round(256 / codec.image_size[1]))))
+    return pictures
+
+
+# --------------------------------------------------------------------------- explanation pictures
+
+TILE_WIDTH = 128      # px; every crop is drawn at this width: captions stay legible, PNGs small
+
+
+def explain_picture(crop: np.ndarray, gt: np.ndarray, box: Sequence[float], preds: Mapping[int, np.ndarray],
+                    cams: Mapping[str, np.ndarray], targets: Sequence[CamTarget], spec: JointSpec) -> np.ndarray:
+    """One image's picture (uint8 BGR): column 0 the crop with the ground truth (skeleton, box) and
+    plain; then per stage its predicted skeleton above its CAM overlays (feature, head); then the
+    extra layers. crop: uint8 (H, W, 3) RGB; gt, preds[stage]: (J, 3) crop px; cams[key]: (H, W)."""
+    k = TILE_WIDTH / crop.shape[1]
+    size = (TILE_WIDTH, round(crop.shape[0] * k))
+    big = cv2.resize(np.ascontiguousarray(crop[..., ::-1]), size,                   # RGB -> BGR
+                     interpolation=cv2.INTER_LINEAR if k > 1 else cv2.INTER_AREA)
+
+    def scaled(joints: np.ndarray) -> np.ndarray:
+        j = np.asarray(joints, np.float64).copy()
+        j[:, :2] = (j[:, :2] + 0.5) * k - 0.5        # pixel centres of the resized crop
+        return j
+
+    x0, y0, x1, y1 = ((c + 0.5) * k - 0.5 for c in box)
+    columns: list[list[np.ndarray | None]] = [[
+        draw_skeleton(big, scaled(gt), spec, box=(x0, y0, x1 - x0, y1 - y0), label="GT"),
+        put_label(big, "input")]]
+    by_stage: dict[int, list[CamTarget]] = {}
+    for t in targets:
+        if t.stage is not None:
+            by_stage.setdefault(t.stage, []).append(t)
+    for stage, ts in by_stage.items():
+        pred = scaled(preds[stage])
+        pred[:, 2] = 2                                   # draw every predicted joint as visible
+        columns.append([draw_skeleton(big, pred, spec, label=f"S{stage} pred")]
+                       + [cam_overlay(big, cams[t.key], label=f"S{stage} {t.kind}") for t in ts])
+    columns += [[None, cam_overlay(big, cams[t.key], label=t.layer)] for t in targets if t.stage is None]
+    height = max(len(c) for c in columns)
+    return tile_table([[c[r] if r < len(c) else None for c in columns] for r in range(height)])

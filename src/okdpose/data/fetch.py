@@ -39,6 +39,7 @@ from tqdm import tqdm
 from okdpose.data.layout import SPLITS, find_layout_root, image_dir, layout_entries, validate_layout
 from okdpose.files import atomic_dir, sha256_file
 from okdpose.joints import JointSpec, get_joint_spec
+from okdpose.params import SyntheticParams
 
 
 class FetchError(RuntimeError):
@@ -56,20 +57,19 @@ class UnsafeArchiveError(FetchError):
 # --------------------------------------------------------------------------- entry point
 
 def fetch_raw(dest: str | Path, source: str, *, path: str | None = None, url: str | None = None,
-              sha256: str | None = None, synthetic=None, spec: JointSpec | str = "babypose12",
-              download_dir: str | Path = "data/downloads", workers: int = 1, progress: bool = True,
-              retries: int = 5) -> dict:
-    """Materialise the data set at `dest` (replaced atomically); return a small report."""
+              sha256: str | None = None, synthetic: SyntheticParams | None = None,
+              spec: JointSpec | str = "babypose12", download_dir: str | Path = "data/downloads",
+              workers: int = 1, progress: bool = True, retries: int = 5) -> dict:
+    """Materialise the data set at `dest` (replaced atomically); return a small report.
+    `synthetic`: the generator's settings (params `data.synthetic`; None: the defaults)."""
     spec = get_joint_spec(spec) if isinstance(spec, str) else spec
     dest = Path(dest)
     with atomic_dir(dest) as tmp:
         report: dict = {"source": source}
         if source == "synthetic":
-            from okdpose.data.synthetic import SyntheticConfig, config_from_params, generate_dataset
+            from okdpose.data.synthetic import generate_dataset
 
-            cfg = (synthetic if isinstance(synthetic, SyntheticConfig)
-                   else SyntheticConfig() if synthetic is None else config_from_params(synthetic))
-            generate_dataset(tmp, cfg, spec, workers=workers, progress=progress)
+            generate_dataset(tmp, synthetic or SyntheticParams(), spec, workers=workers, progress=progress)
         elif source == "local":
             if not path:
                 raise FetchError("data.source is 'local' but data.path is not set: point it at the data folder")

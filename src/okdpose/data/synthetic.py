@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from okdpose.data.layout import FRAME_SIZE, SPLITS, annotation_file, detection_file, image_dir, image_name
 from okdpose.joints import BABYPOSE12, JointSpec
+from okdpose.params import SyntheticParams
 
 W, H = FRAME_SIZE
 FOCAL = 575.0
@@ -61,22 +62,6 @@ POSE_RANGES = {
     "drift_x": (-60, 60), "drift_y": (-60, 60), "spin": (-25, 25),
 }
 POSE_KEYS = tuple(POSE_RANGES)
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Generator settings (mirrors params `data.synthetic`)."""
-
-    seed: int = 0
-    subjects: tuple[int, int, int] = (8, 2, 2)
-    frames_per_subject: int = 60
-    occluder_prob: float = 0.6
-    noise_mm: float = 4.0
-    camera_height: tuple[float, float] = (550.0, 900.0)
-    orientations: int = 1
-    out_of_frame_prob: float = 0.15
-    box_jitter: float = 0.06
-    false_positive_prob: float = 0.05
 
 
 # --------------------------------------------------------------------------- camera
@@ -287,7 +272,7 @@ def _joint_array(joints: dict) -> np.ndarray:
 
 # --------------------------------------------------------------------------- one frame
 
-def render_frame(subject: Subject, pose: dict, rng: np.random.Generator, cfg: SyntheticConfig):
+def render_frame(subject: Subject, pose: dict, rng: np.random.Generator, cfg: SyntheticParams):
     """Depth (H, W) uint16 mm, joints (12, 3) COCO (x, y, v), silhouette box, area, frame facts."""
     s = subject.size
     axis_deg = 90.0 + subject.body_angle + pose["spin"]        # head toward +y, along the crib
@@ -547,7 +532,7 @@ def image_id_for(sid: int, frame: int) -> int:
     return sid * 10_000 + frame + 1
 
 
-def _detections(rng: np.random.Generator, image_id: int, box: list[float], cfg: SyntheticConfig,
+def _detections(rng: np.random.Generator, image_id: int, box: list[float], cfg: SyntheticParams,
                 category_id: int) -> list[dict]:
     x, y, w, h = box
     dets = []
@@ -569,7 +554,7 @@ def _clip_box(b: list[float]) -> list[float]:
     return [x0, y0, x1 - x0, y1 - y0]
 
 
-def generate_dataset(root: str | Path, cfg: SyntheticConfig, spec: JointSpec = BABYPOSE12,
+def generate_dataset(root: str | Path, cfg: SyntheticParams, spec: JointSpec = BABYPOSE12,
                      workers: int = 1, progress: bool = True) -> dict:
     """Write a BabyPose-layout data set under `root` (a fresh folder); return counts per split.
 
@@ -640,17 +625,3 @@ def _render_subject(job) -> tuple[str, list, list, list]:
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
-
-
-def config_from_params(p) -> SyntheticConfig:
-    """SyntheticConfig from `params.data.synthetic` (a SyntheticParams)."""
-    return SyntheticConfig(**{f: getattr(p, f) for f in SyntheticConfig.__dataclass_fields__})
-
-
-def iter_frames(cfg: SyntheticConfig, split: str = "train") -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
-    """(image_id, depth, joints) for a split without writing files (for notebooks and tests)."""
-    for sid in split_subjects(cfg.subjects)[split]:
-        subject = make_subject(sid, cfg.seed, cfg.camera_height, cfg.orientations)
-        for frame, pose in enumerate(pose_walk(subject, cfg.seed, cfg.frames_per_subject)):
-            depth, kps, *_ = render_frame(subject, pose, np.random.default_rng([cfg.seed, sid, 2, frame]), cfg)
-            yield image_id_for(sid, frame), depth, kps

@@ -6,7 +6,14 @@ from okdpose.model.checkpoint import (
     load_pretrained,
     save_checkpoint,
 )
-from okdpose.model.cost import count_params, forward_flops, stage_costs
+from okdpose.model.cost import (
+    count_params,
+    cpu_latency_ms,
+    forward_flops,
+    stage_costs,
+    stage_costs_table,
+    stage_latencies_ms,
+)
 from okdpose.model.multi_out import MultiOutHRNet
 
 __all__ = [
@@ -14,9 +21,12 @@ __all__ = [
     "LoadReport",
     "MultiOutHRNet",
     "count_params",
+    "cpu_latency_ms",
     "forward_flops",
     "load_model",
     "load_pretrained",
     "save_checkpoint",
     "stage_costs",
+    "stage_costs_table",
+    "stage_latencies_ms",
 ]

@@ -10,6 +10,17 @@ Our checkpoint format (a dict; `torch.load(weights_only=True)` reads it):
 `load_pretrained` also reads plain state_dicts (official `pose_hrnet_*.pth`), DataParallel
 `module.`-prefixed ones and dicts holding a `state_dict` (the original training checkpoints).
 It never loads silently: the report lists loaded, missing, unused and skipped keys.
+
+The training resume state (`models/last.pt`, `save_resume` / `read_resume`; tensors, numbers,
+strings, lists and dicts, read with weights_only=True):
+
+    {"format": "okdpose-last", "version": 2,
+     "fingerprint": hex, "fingerprint_parts": dict,       # okdpose.fingerprint
+     "epoch": last completed (1-based), "finished": bool,
+     "model", "optimizer", "scheduler", "scaler": state dicts (scaler None without fp16),
+     "rng": {torch, cuda, numpy, python},                 # okdpose.seeding.rng_state
+     "best": {epoch, score, state_dict}, "epochs_since_best": int,
+     "history": [one record per epoch, val metrics keyed by int stage]}   # version 1: "stage{k}"
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ from okdpose.model.multi_out import MultiOutHRNet
 logger = logging.getLogger(__name__)
 
 FORMAT, VERSION = "okdpose", 1
+RESUME_FORMAT, RESUME_VERSION = "okdpose-last", 2
 RESERVED_KEYS = frozenset({"format", "version", "model", "state_dict"})
 HEAD_PREFIXES = ("final_layer.", "intermediate_layers.")
 _EXPECTED = ("an official pose_hrnet_*.pth state_dict, a training checkpoint holding a 'state_dict', "
@@ -206,7 +218,6 @@ def save_checkpoint(path: str | Path, model: MultiOutHRNet, **extra: Any) -> Non
         save_deterministic(ckpt, tmp)
 
 
-
 def _check_plain(value: Any, where: str) -> None:
     if value is None or type(value) in (bool, int, float, str) or isinstance(value, (Tensor, torch.Size)):
         return
@@ -246,3 +257,27 @@ def load_model(path: str | Path, expect: Mapping[str, Any] | None = None,
         raise CheckpointError(f"{source} holds a model {model.config()}, params.yaml asks for {dict(expect)}; "
                               f"{fix}, or fix params.yaml model / data.joints")
     return model, dict(obj)
+
+
+def save_resume(path: str | Path, state: Mapping[str, Any]) -> None:
+    """Write the resume state (`state`: every key of the format but format and version) atomically."""
+    with atomic_path(path) as tmp:
+        save_deterministic({"format": RESUME_FORMAT, "version": RESUME_VERSION, **state}, tmp)
+
+
+def read_resume(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
+    """-> (state, None) for a resume state this code reads; (None, why not) for a file that is
+    unreadable, foreign or of another version; (None, None) when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return None, None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: the caller starts fresh
+        return None, f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        return None, f"{path} is not an okdpose resume checkpoint"
+    if state.get("version") != RESUME_VERSION:
+        return None, (f"{path} is an okdpose resume checkpoint of version {state.get('version')!r}, this code "
+                      f"reads version {RESUME_VERSION}")
+    return state, None

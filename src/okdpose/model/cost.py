@@ -1,14 +1,23 @@
-"""Parameter and FLOP counts of a MultiOutHRNet, without allocating its weights.
+"""What a MultiOutHRNet costs: parameter and FLOP counts (without allocating its weights) and CPU
+latency, per stage of the model truncated there.
 
 FLOPs are those of `torch.utils.flop_counter.FlopCounterMode`: convolutions and matmuls, a
-multiply-add counted as 2 FLOPs; BN, ReLU, additions and upsampling are not counted.
+multiply-add counted as 2 FLOPs; BN, ReLU, additions and upsampling are not counted. Latency is
+the median wall time of a batch-1 eval forward pass on CPU, BN folded and channels-last as
+`okdpose.inference.predict` runs it.
 """
 from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from okdpose.model.fuse import inference_copy
+from okdpose.model.hrnet import HRNetTrunk
 from okdpose.model.multi_out import MultiOutHRNet
 
 
@@ -40,3 +49,53 @@ def stage_costs(num_joints: int, width: int, n_stage: int, image_size: tuple[int
             model = MultiOutHRNet(num_joints, width, k, multi=False)
         costs.append({"stage": k, "params": count_params(model), "flops": forward_flops(model, image_size)})
     return costs
+
+
+def cpu_latency_ms(model: nn.Module, image_size: Sequence[int], *, repeats: int = 5, warmup: int = 1,
+                   threads: int = 1) -> float:
+    """Median wall time (ms) of a batch-1 eval forward pass on CPU with `threads` intra-op threads
+    (restored afterwards), an HRNet BN folded and channels-last as `predict` runs it; image_size (w, h).
+
+    One thread by default: at batch 1 HRNet's many small ops make multi-thread timings depend on
+    what else runs on the machine; one thread is reproducible.
+    """
+    x = torch.zeros(1, 3, int(image_size[1]), int(image_size[0])).contiguous(memory_format=torch.channels_last)
+    was_training, old_threads = model.training, torch.get_num_threads()
+    model.eval()
+    torch.set_num_threads(threads)
+    times = []
+    try:
+        net = inference_copy(model) if isinstance(model, HRNetTrunk) else model
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                net(x)
+                if i >= warmup:
+                    times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        model.train(was_training)
+        torch.set_num_threads(old_threads)
+    return float(statistics.median(times))
+
+
+def stage_latencies_ms(num_joints: int, width: int, n_stage: int, image_size: Sequence[int], *,
+                       stages: Sequence[int] | None = None, repeats: int = 5, warmup: int = 1) -> dict[int, float]:
+    """CPU batch-1 single-thread latency (`cpu_latency_ms`) of the model truncated after each stage
+    (one head, random weights: the cost does not depend on them) -> {stage: ms}."""
+    out = {}
+    for k in stages or range(1, n_stage + 1):
+        out[int(k)] = cpu_latency_ms(MultiOutHRNet(num_joints, width, int(k), multi=False), image_size,
+                                     repeats=repeats, warmup=warmup)
+    return out
+
+
+def stage_costs_table(model: MultiOutHRNet, image_size: Sequence[int], repeats: int = 5) -> dict[int, dict[str, float]]:
+    """{stage: {params_M, gflops, latency_ms}} for each output of a MultiOutHRNet: the model
+    truncated after that stage with one head (what deploying that output alone costs); FLOPs of a
+    forward pass at image_size (w, h), CPU batch-1 single-thread median latency of `repeats` runs."""
+    cfg = model.config()
+    costs = {c["stage"]: c for c in stage_costs(cfg["num_joints"], cfg["width"], cfg["n_stage"], tuple(image_size))}
+    latency = stage_latencies_ms(cfg["num_joints"], cfg["width"], cfg["n_stage"], image_size,
+                                 stages=model.output_stages, repeats=repeats)
+    return {k: {"params_M": round(costs[k]["params"] / 1e6, 4), "gflops": round(costs[k]["flops"] / 1e9, 4),
+                "latency_ms": round(latency[k], 2)} for k in model.output_stages}

@@ -8,9 +8,8 @@ In eval mode a BatchNorm2d is an affine map per channel, y = (x - mean) / sqrt(v
 so after a bias-free Conv2d it folds into that conv's weight and a bias
 (`torch.nn.utils.fusion.fuse_conv_bn_weights`): one pass over the activations less per BN, 292 of
 them in HRNet-W32. The folded BN becomes an `nn.Identity`, so module names, hooks on other modules
-and the outputs stay as they were (equal up to float rounding; `check` compares them). Measured by
-`python -m okdpose.bench`: W32 192x256 batch 8 inference 1.18-1.46x faster than the plain model
-(channels-last alone: 1.10-1.27x).
+and the outputs stay as they were (equal up to float rounding; `check` compares them). What it
+buys is measured by `okdpose bench` (README, "Benchmarks").
 
 Folding needs to know that the BN reads the conv's output and nothing else: the pairs folded are
 the `convN`/`bnN` attributes of the HRNet blocks and stem (whose forward applies `bnN` right
@@ -112,8 +111,8 @@ def cached_inference_copy(model: nn.Module, *, channels_last: Optional[bool] = N
     """`inference_copy`, made once per state of `model`: the copy is kept (one per model, dropped
     with the model) and reused while no parameter or buffer of `model` has been replaced or
     changed in place (torch's version counters), nor its train/eval modes. For repeated calls on
-    an unchanged model (explaining image after image): the copy of a W32 costs 0.5-0.75 s, more than a
-    batch-1 forward pass."""
+    an unchanged model (explaining image after image): making the copy costs more than a batch-1
+    forward pass (`okdpose bench` times it)."""
     key = (channels_last, tuple(sorted(keep)), _state_key(model))
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:

@@ -1,0 +1,29 @@
+import pytest
+
+from okdpose.joints import BABYPOSE12
+from okdpose.model import MultiOutHRNet, stage_costs, stage_costs_table, stage_latencies_ms
+
+J = BABYPOSE12.num_joints
+
+
+def test_w32_cost_agrees_with_the_design_numbers():
+    costs = {c["stage"]: c for c in stage_costs(17, 32, 4, (192, 256))}
+    assert costs[4]["flops"] / 1e9 == pytest.approx(15.29, abs=0.01)    # DESIGN §8: 15.3 GFLOP
+    assert costs[4]["params"] == 28_536_113
+    # each student alone: DESIGN's 9.46 / 3.63 include the unused lower-resolution fusions
+    assert costs[3]["flops"] / 1e9 == pytest.approx(9.373, abs=0.01)
+    assert costs[2]["flops"] / 1e9 == pytest.approx(3.597, abs=0.01)
+
+
+def test_stage_latencies_cover_each_stage():
+    lat = stage_latencies_ms(J, 2, 2, (32, 64), repeats=1, warmup=0)
+    assert list(lat) == [1, 2] and all(v > 0 for v in lat.values())
+
+
+def test_stage_costs_table_has_one_row_per_output_stage():
+    model = MultiOutHRNet(J, 2, 3, multi=True)
+    model.train()
+    table = stage_costs_table(model, (32, 64), repeats=1)
+    assert list(table) == [1, 2, 3] and all(tuple(r) == ("params_M", "gflops", "latency_ms") for r in table.values())
+    assert table[1]["gflops"] < table[2]["gflops"] < table[3]["gflops"] and model.training
+    assert list(stage_costs_table(MultiOutHRNet(J, 2, 3, multi=False), (32, 64), repeats=1)) == [3]
