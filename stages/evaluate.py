@@ -1,18 +1,21 @@
 """evaluate: every stage output of models/model.pt on `evaluate.split` -> metrics/eval.json (per
 stage: COCO AP/AR, heatmap and box PCK, pixel error, params, GFLOPs, CPU latency), COCO results
 per stage in results/eval/, plots/eval/ (CSV tables, predicted vs ground-truth skeletons), all
-logged into the training MLflow run (`mlflow_run_id` of metrics/train.json) when there is one."""
+logged into the training MLflow run (`mlflow_run_id` of metrics/train.json) when there is one.
+The model runs on `evaluate.device` (the latency column is measured on the CPU whatever it is)."""
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
 
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
+from okdpose.device import describe, resolve_device
 from okdpose.evaluation import evaluate_report, per_joint_rows
 from okdpose.files import atomic_dir, write_csv, write_json
-from okdpose.inference import predict
+from okdpose.inference import input_memory_format, predict
 from okdpose.model import CheckpointError, load_model, stage_costs_table
 from okdpose.params import ParamsError, load_params
 from okdpose.tracking import log_to_pipeline_run
@@ -23,11 +26,15 @@ METRICS, RESULTS, PLOTS = Path("metrics/eval.json"), Path("results/eval"), Path(
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = load_params()
     e, d, spec = p.evaluate, p.data, p.joint_spec
     model, _ = load_model(MODEL, expect=p.model_config(), fix="train the model first (dvc repro train-okd)")
+    device = resolve_device(e.device, "evaluate.device")
+    logging.info("evaluate: %s", describe(device, None, input_memory_format(device)))
     ds = PoseDataset(PREPARED, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
-    preds = predict(model, ds, batch_size=e.batch_size, flip_test=e.flip_test, progress=sys.stderr.isatty())
+    preds = predict(model.to(device), ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
+                    progress=sys.stderr.isatty())
     report = evaluate_report(preds, PREPARED / f"{e.split}_gt.json", spec, use_gt_bbox=e.use_gt_bbox,
                              pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms, oks_thre=e.oks_thre,
                              in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)

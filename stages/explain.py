@@ -2,17 +2,21 @@
 `explain.split` (drawn with `explain.seed`). Writes plots/explain/<image>.png (crop, ground truth,
 per-stage predicted skeleton and CAM overlays), results/explain/<image>.npz (raw maps, crop,
 boxes, joints), metrics/explain.json (CAM scores per stage and layer, averaged over the images)
-and logs pictures and scores into the training MLflow run (`mlflow_run_id` of metrics/train.json)."""
+and logs pictures and scores into the training MLflow run (`mlflow_run_id` of metrics/train.json).
+The model runs on `explain.device`."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from okdpose.cam_scores import cam_scores
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
+from okdpose.device import describe, resolve_device
 from okdpose.explain import LayerError, cam_targets, explain_samples
 from okdpose.files import atomic_dir, write_json
 from okdpose.model import CheckpointError, load_model
@@ -25,9 +29,13 @@ RESULTS, PLOTS, METRICS = Path("results/explain"), Path("plots/explain"), Path("
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = load_params()
     e, d = p.explain, p.data
     model, _ = load_model(MODEL, expect=p.model_config(), fix="train the model first (dvc repro train-okd)")
+    device = resolve_device(e.device, "explain.device")
+    logging.info("explain: %s", describe(device, None, torch.contiguous_format))
+    model.to(device)                 # the crops follow the model (grad-cam moves them), the maps come back to the CPU
     ds = PoseDataset(PREPARED, e.split, d.joint_spec, d.codec)
     rows = np.sort(np.random.default_rng(e.seed).choice(len(ds), size=min(e.num_images, len(ds)), replace=False))
     targets = cam_targets(model, e.stages, e.heads, e.layers)

@@ -4,8 +4,10 @@ epoch), metrics/train.json and plots/train/*.csv; log params, per-epoch metrics 
 to MLflow (run id in metrics/train.json). Re-running after a kill resumes from models/last.pt
 when it was written for the same params, init weights, data and code; otherwise starts fresh.
 
-Data-parallel: `torchrun --nproc_per_node N stages/train_okd.py` (gloo on CPU, nccl on CUDA);
-train.batch_size is per process (global batch N x batch_size); rank 0 validates and writes."""
+Data-parallel: train.nproc_per_node N > 1 runs the stage as N processes through torch's launcher
+(`dvc exp run -S train.nproc_per_node=4`; several nodes: start `torchrun` on each yourself); gloo
+on CPU, nccl on CUDA; train.batch_size is per process (global batch N x batch_size); rank 0
+validates and writes."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +17,7 @@ from pathlib import Path
 from okdpose import distributed
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
+from okdpose.device import amp_dtype, resolve_device
 from okdpose.files import write_csv, write_json
 from okdpose.fingerprint import fingerprint, fingerprint_parts
 from okdpose.losses import OKDLoss
@@ -22,13 +25,13 @@ from okdpose.model import CheckpointError, load_model
 from okdpose.params import ParamsError, load_params
 from okdpose.reports import curve_tables, epoch_metrics, final_metrics, summarize
 from okdpose.tracking import Tracker
-from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator, resolve_device
+from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator, memory_format
 
 PREPARED, INIT = Path("data/prepared"), Path("models/init.pt")
 BEST, LAST = Path("models/model.pt"), Path("models/last.pt")
 METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
 UPSTREAM = (Path("metrics/data.json"), Path("metrics/pretrain.json"))
-# the params this stage reads (dvc.yaml lists the same); all but train.device/workers fingerprint last.pt
+# the params this stage reads (dvc.yaml lists the same); all but fingerprint.NOT_FINGERPRINTED fingerprint last.pt
 PARAMS = ("data.joints", "data.image_size", "data.heatmap_size", "data.sigma", "data.augment",
           "model.width", "model.n_stage", "model.multi", "loss.", "train.")
 
@@ -37,17 +40,21 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = load_params()
     t = p.train
+    code = distributed.relaunch_if_needed(t.nproc_per_node, __file__)
+    if code is not None:                 # the N processes ran the stage
+        sys.exit(code)
     model, _ = load_model(INIT, expect=p.model_config(), fix="run `dvc repro pretrain-load` (or `dvc repro`)")
     train_set = PoseDataset(PREPARED, "train", p.joint_spec, p.data.codec, augment=p.data.augment, train=True)
     val_set = PoseDataset(PREPARED, "val", p.joint_spec, p.data.codec)
-    ctx = distributed.init_from_env(str(resolve_device(t.device)))     # torchrun: join the group; else a no-op
+    ctx = distributed.init_from_env(str(resolve_device(t.device)), timeout_s=t.dist_timeout_s)   # else a no-op
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    parts = fingerprint_parts(p.flat(), PARAMS, INIT, PREPARED, ctx.world_size)
+    parts = fingerprint_parts(p.flat(), PARAMS, INIT, PREPARED)
     optimizer = make_optimizer(model, t.optimizer, t.lr, t.momentum, t.weight_decay)
     loss_fn = OKDLoss(p.loss, p.output_stages())
-    net = distributed.wrap(model.to(ctx.device), ctx, distributed.unused_outputs(p.output_stages(),
-                                                                                 set(loss_fn.trained_stages)))
+    # in place, before the DDP wrap: DDP lays out its gradient buckets by the parameters' strides
+    model.to(ctx.device, memory_format=memory_format(t.channels_last))
+    net = distributed.wrap(model, ctx, distributed.unused_outputs(p.output_stages(), set(loss_fn.trained_stages)))
     history: list[dict] = []
     tracker = Tracker.from_params(p.tracking) if ctx.is_main else Tracker(enabled=False)
     with tracker.run() as run:
@@ -61,7 +68,9 @@ def main() -> None:
 
         trainer = Trainer(net, loss_fn, optimizer, scheduler=make_scheduler(optimizer, t.lr_steps, t.lr_factor),
                           train_set=train_set, validate=make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec,
-                                                                       batch_size=t.batch_size, device=ctx.device),
+                                                                       batch_size=t.batch_size, device=ctx.device,
+                                                                       workers=t.workers,
+                                                                       autocast=amp_dtype(ctx.device, t.amp)),
                           params=t, ctx=ctx, select_stages=p.kd_stages(), last_path=LAST, best_path=BEST,
                           fingerprint=fingerprint(parts), fingerprint_parts=parts, best_extras={"params": p.to_dict()},
                           on_epoch=on_epoch if ctx.is_main else None,
@@ -69,7 +78,8 @@ def main() -> None:
         result = trainer.fit()
         if not ctx.is_main:
             return
-        summary = {**summarize(result, p.kd_stages(), p.loss.kld_couples), "mlflow_run_id": run.id}
+        summary = {**summarize(result, p.kd_stages(), p.loss.kld_couples), "world_size": result.world_size,
+                   "mlflow_run_id": run.id}
         write_json(METRICS, summary)
         run.log_metrics(final_metrics(summary))
         for path in (METRICS, *UPSTREAM):
@@ -84,6 +94,7 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-        distributed.shutdown()
     except (ParamsError, DataError, CheckpointError, FileNotFoundError, TrainingDiverged) as e:
         sys.exit(f"train-okd: {e}")
+    finally:
+        distributed.shutdown()

@@ -1,6 +1,8 @@
 """okdpose.distributed + Trainer under DDP (gloo, 2 CPU processes): 2 ranks x batch 2 train like
 1 process x batch 4 (same samples per step, averaged gradients), rank 0 alone validates and
-writes, ranks stay in sync, and resume works.
+writes, ranks stay in sync, and resume works (also where only rank 0 has last.pt). The launch
+(the stage relaunching itself through torch.distributed.run), a finished last.pt accepted at any
+world size, and per-rank augmentation in the DataLoader workers.
 
 The runs are in float64. In float32 the two runs differ by rounding (another reduction order for
 2 x 2 than for 1 x 4 images): gradients far below Adam's eps (1e-8) are then mostly rounding noise,
@@ -8,10 +10,14 @@ and Adam's update (~ g / eps there) turns that noise into weight differences tha
 CPU's vector width (4e-4 in the loss after 2 epochs on AVX-512, 3e-7 on AVX2). In float64 the
 noise is 1e-8 times smaller, so the comparison can be tight on any machine while a real bug
 (gradients summed instead of averaged, a wrong shard) still differs by orders of magnitude more."""
+import logging
 import os
 import socket
+import sys
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -25,7 +31,8 @@ from okdpose.data.dataset import PoseDataset
 from okdpose.joints import BABYPOSE12
 from okdpose.losses import OKDLoss
 from okdpose.model import MultiOutHRNet
-from okdpose.params import LossParams, TrainParams
+from okdpose.model.checkpoint import save_resume
+from okdpose.params import AugmentParams, LossParams, TrainParams
 from okdpose.train import Trainer, make_optimizer, make_scheduler
 
 CODEC, SEED = HeatmapCodec((48, 64), (12, 16), 1.0), 5
@@ -120,13 +127,16 @@ def build(prepared: Path, out: Path, batch: int, epochs: int, ctx: distributed.D
     return box["trainer"], steps
 
 
-def _worker(rank: int, world: int, port: int, prepared: str, out: str, epochs: int, stop_at) -> None:
+def _worker(rank: int, world: int, port: int, prepared: str, out: str, epochs: int, stop_at, own_dirs: bool) -> None:
+    """One rank; `own_dirs`: rank r keeps last.pt / model.pt in out/node{r} (no shared filesystem)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    ctx = distributed.init_from_env("cpu")
+    ctx = distributed.init_from_env("cpu", timeout_s=120)      # a desync fails instead of hanging
     try:
-        trainer, steps = build(Path(prepared), Path(out), 2, epochs, ctx, stop_at)
+        run_dir = Path(out) / f"node{rank}" if own_dirs else Path(out)
+        run_dir.mkdir(exist_ok=True)
+        trainer, steps = build(Path(prepared), run_dir, 2, epochs, ctx, stop_at)
         result = trainer.fit()
         torch.save({"history": result.history, "epochs_run": result.epochs_run, "resumed": result.resumed_from,
                     "steps": steps, "weights": {k: v.clone() for k, v in unwrap(trainer.model).state_dict().items()}},
@@ -139,9 +149,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def run_ddp(prepared: Path, out: Path, epochs: int, stop_at=None) -> list[dict]:
+def run_ddp(prepared: Path, out: Path, epochs: int, stop_at=None, own_dirs: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(2, free_port(), str(prepared), str(out), epochs, stop_at), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(prepared), str(out), epochs, stop_at, own_dirs), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -199,10 +209,151 @@ def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tm
     out = tmp_path / "run"
     with pytest.raises(Exception, match="stopped at epoch 2 step 1"):
         run_ddp(tiny_prepared, out, epochs=2, stop_at=(2, 1))
-    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
-    ranks = run_ddp(tiny_prepared, out, epochs=2)                # resumes epoch 1 from last.pt
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and last["world_size"] == 2
+    # resumed on "two machines" without a shared filesystem: only rank 0's folder holds last.pt,
+    # rank 0 reads it and broadcasts the state
+    resumed = tmp_path / "resumed"
+    (resumed / "node0").mkdir(parents=True)
+    (out / "last.pt").rename(resumed / "node0" / "last.pt")
+    ranks = run_ddp(tiny_prepared, resumed, epochs=2, own_dirs=True)
     assert [r["resumed"] for r in ranks] == [1, 1] and [r["epochs_run"] for r in ranks] == [2, 2]
+    assert not (resumed / "node1" / "last.pt").exists()           # only the main rank writes
     full = run_ddp(tiny_prepared, tmp_path / "full", epochs=2)   # uninterrupted
     for k, v in full[0]["weights"].items():
         assert torch.equal(v, ranks[0]["weights"][k]), k
     assert [strip(r) for r in full[0]["history"]] == [strip(r) for r in ranks[0]["history"]]
+
+
+# --------------------------------------------------------------------------- launch
+
+def test_the_stage_relaunches_itself_only_when_asked_and_not_yet_launched(monkeypatch):
+    calls = []
+
+    class Launcher:                           # subprocess.Popen, exiting with 3
+        def __init__(self, cmd):
+            calls.append(cmd)
+
+        def wait(self):
+            return 3
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Launcher)
+    for name in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.relaunch_if_needed(1, "stages/train_okd.py") is None and not calls
+    assert distributed.relaunch_if_needed(2, "stages/train_okd.py") == 3       # the launcher's exit code
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "stages/train_okd.py"]]
+    monkeypatch.setenv("LOCAL_RANK", "0")                 # a process torchrun started: train here
+    assert distributed.relaunch_if_needed(2, "stages/train_okd.py") is None and len(calls) == 1
+    assert distributed.launch_command(4, "s.py", ["-x"])[-3:] == ["--nproc_per_node=4", "s.py", "-x"]
+
+
+def test_more_processes_than_gpus_names_the_param(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match=r"local rank 1 but torch sees 1 GPU\(s\); set train.nproc_per_node"):
+        distributed.init_from_env("cuda")
+
+
+# --------------------------------------------------------------------------- world size on resume
+
+def with_world_size(path: Path, world_size: int, finished: bool) -> None:
+    """Rewrite last.pt as if `world_size` processes had written it."""
+    state = torch.load(path, weights_only=True)
+    for key in ("format", "version"):
+        del state[key]
+    save_resume(path, {**state, "world_size": world_size, "finished": finished})
+
+
+def test_a_finished_run_is_accepted_at_any_world_size_an_unfinished_one_is_not(tiny_prepared, tmp_path, caplog):
+    first, _ = build(tiny_prepared, tmp_path, 4, 1, distributed.DistContext())
+    first.fit()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["world_size"] == 1
+    with_world_size(tmp_path / "last.pt", 2, finished=True)
+    (tmp_path / "model.pt").unlink()                       # as DVC does before re-running the stage
+    again, steps = build(tiny_prepared, tmp_path, 4, 1, distributed.DistContext())
+    with caplog.at_level(logging.INFO, logger="okdpose.train"):
+        result = again.fit()
+    assert result.resumed_from == 1 and not steps and result.world_size == 2     # replayed, nothing trained
+    assert "a finished run of world_size 2, used as is by this run of world_size 1" in caplog.text
+    assert (tmp_path / "model.pt").is_file()
+    for k, v in unwrap(again.model).state_dict().items():
+        assert torch.equal(v, unwrap(first.model).state_dict()[k]), k
+
+    with_world_size(tmp_path / "last.pt", 2, finished=False)        # epoch 1 of 2 done by 2 processes
+    fresh, steps = build(tiny_prepared, tmp_path, 4, 2, distributed.DistContext())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="okdpose.train"):
+        result = fresh.fit()
+    assert result.resumed_from is None and result.world_size == 1 and [e for e, _, _ in steps] == [1, 1, 2, 2]
+    assert "unfinished run of world_size 2 (processes), this run has world_size 1" in result.fresh_reason
+    assert "train.nproc_per_node: 2" in caplog.text and "starting fresh" in caplog.text
+
+
+# --------------------------------------------------------------------------- DataLoader workers
+
+class ThreadsSeen(Dataset):
+    """Each item: OpenCV's thread count where the item is made."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        import cv2
+
+        return torch.zeros(3, 1, 1), torch.zeros(1), torch.zeros(1), {"cv2_threads": cv2.getNumThreads()}
+
+
+def rank_trainer(train_set: Dataset, rank: int, world: int, workers: int = 1) -> Trainer:
+    """A Trainer of rank `rank` out of `world` for its loader only (no process group needed)."""
+    ctx = distributed.DistContext(rank=rank, world_size=world)
+    model = MultiOutHRNet(12, width=4, n_stage=2)
+    opt = make_optimizer(model, "adam", 1e-3)
+    return Trainer(model, None, opt, scheduler=None, train_set=train_set, validate=None,
+                   params=TrainParams(batch_size=2, seed=SEED, workers=workers), ctx=ctx, select_stages=(1, 2),
+                   sampler_factory=distributed.sampler_factory(train_set, ctx, SEED))
+
+
+def draws(trainer: Trainer, epoch: int) -> list[tuple]:
+    """(rotation, flipped, crop centre) of every sample of the epoch's loader, in order."""
+    out = []
+    for _, _, _, meta in trainer.loader(epoch):
+        out += [(float(r), bool(f), tuple(c.tolist())) for r, f, c in zip(meta["rotation"], meta["flipped"],
+                                                                         meta["center"])]
+    return out
+
+
+def test_workers_augment_differently_per_rank_and_reproducibly(tiny_prepared):
+    augment = AugmentParams(flip=True, rotation=30.0, scale=0.25)
+    one = Subset(PoseDataset(tiny_prepared, "train", BABYPOSE12, CODEC, augment=augment, train=True), [0] * 8)
+    rank0, rank1 = (draws(rank_trainer(one, r, 2), epoch=1) for r in (0, 1))
+    assert len(rank0) == len(rank1) == 4                  # the same frame on both ranks
+    assert rank0 != rank1                                 # ... augmented by streams of their own
+    assert draws(rank_trainer(one, 1, 2), epoch=1) == rank1                     # a re-run draws the same
+    assert draws(rank_trainer(one, 1, 2), epoch=2) != rank1                     # and each epoch anew
+    # rank 0 keeps the single process's seeds: its worker draws as a 1-process run's would
+    assert draws(rank_trainer(one, 0, 1), epoch=1)[:4] == rank0
+
+
+def test_workers_run_opencv_on_one_thread_without_hanging():
+    import cv2
+
+    threads = cv2.getNumThreads()
+    frame = np.zeros((1024, 1024), np.float32)
+    cv2.warpAffine(frame, np.eye(2, 3), (1024, 1024))     # this process's OpenCV pool has run (the hazard)
+    seen: list[int] = []
+
+    def load() -> None:
+        seen.extend(int(n) for *_, meta in rank_trainer(ThreadsSeen(), 0, 1).loader(1) for n in meta["cv2_threads"])
+
+    try:
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the DataLoader's workers hang"
+        assert seen == [1, 1]
+    finally:
+        cv2.setNumThreads(threads)

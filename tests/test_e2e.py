@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import pytest
 import yaml
@@ -63,9 +63,10 @@ SKIPPED = re.compile(r"Stage '([^']+)' (?:didn't change, skipping|is cached - sk
 
 # --------------------------------------------------------------------------- helpers
 
-def tiny_params(base: Path = ROOT / "params.yaml") -> dict[str, Any]:
+def tiny_params(base: Path = ROOT / "params.yaml", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The project's params with `TINY` (then `overrides`, same flat keys) in place."""
     params = yaml.safe_load(base.read_text())
-    for key, value in TINY.items():
+    for key, value in {**TINY, **(overrides or {})}.items():
         *parents, last = key.split(".")
         d = params
         for p in parents:
@@ -130,8 +131,9 @@ def runs_by_name(repo: Path) -> dict[str, Any]:
     return {r.info.run_name: r for r in runs}
 
 
-def build_pipeline_repo(repo: Path) -> Path:
-    """A git + DVC clone of the project with tiny params, `dvc repro` run and committed."""
+def build_pipeline_repo(repo: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    """A git + DVC clone of the project with tiny params (and `overrides`), `dvc repro` run and
+    committed; dvc's output in repo.parent / "repro.log"."""
     repo.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in PROJECT_FILES:
@@ -142,7 +144,7 @@ def build_pipeline_repo(repo: Path) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, repo / name)
     assert (repo / ".dvc" / "config").is_file() and (repo / "dvc.yaml").is_file()
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(overrides=overrides), sort_keys=False))
     sh(repo, "git", "init", "-q")
     for key, value in (("user.name", "okdpose-test"), ("user.email", "test@localhost"), ("commit.gpgsign", "false")):
         sh(repo, "git", "config", key, value)

@@ -2,6 +2,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import runpy
 from pathlib import Path
 
@@ -150,3 +151,24 @@ def test_tracking_enabled_without_a_training_run_starts_no_run(tmp_path, tiny_pr
     run_stage(tmp_path, monkeypatch)
     assert "no mlflow_run_id" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_runs_on_the_resolved_device_and_says_so(tmp_path, tiny_prepared, monkeypatch, caplog):
+    import okdpose.device
+
+    setup_root(tmp_path, tiny_prepared, num_images=0, device="cpu")
+    asked, moved, real_resolve, real_to = [], [], okdpose.device.resolve_device, MultiOutHRNet.to
+    monkeypatch.setattr(okdpose.device, "resolve_device", lambda d, key: asked.append((d, key)) or real_resolve(d, key))
+    monkeypatch.setattr(MultiOutHRNet, "to", lambda self, *a, **k: moved.append(a[0] if a else None)
+                        or real_to(self, *a, **k))
+    with caplog.at_level(logging.INFO):
+        run_stage(tmp_path, monkeypatch)
+    assert asked == [("cpu", "evaluate.device")] and moved[0] == torch.device("cpu")
+    assert "evaluate: device cpu (" in caplog.text and "precision fp32, memory format channels-last" in caplog.text
+
+
+def test_cuda_without_gpu_stops_naming_the_param(tmp_path, tiny_prepared, monkeypatch):
+    setup_root(tmp_path, tiny_prepared, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="evaluate.device is 'cuda' but torch sees no GPU"):
+        run_stage(tmp_path, monkeypatch)

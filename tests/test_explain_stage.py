@@ -1,4 +1,5 @@
 import contextlib
+import logging
 import json
 import runpy
 from pathlib import Path
@@ -103,3 +104,22 @@ def test_stage_errors_name_the_fix(root, change, words):
     for w in words:
         assert w in str(err.value)
     assert not (root / "metrics" / "explain.json").exists()
+
+
+def test_stage_runs_on_the_resolved_device_and_says_so(root, monkeypatch, caplog):
+    import okdpose.device
+
+    asked, moved, real_resolve, real_to = [], [], okdpose.device.resolve_device, MultiOutHRNet.to
+    monkeypatch.setattr(okdpose.device, "resolve_device", lambda d, key: asked.append((d, key)) or real_resolve(d, key))
+    monkeypatch.setattr(MultiOutHRNet, "to", lambda self, *a, **k: moved.append(a[0]) or real_to(self, *a, **k))
+    with caplog.at_level(logging.INFO):
+        run_stage()
+    assert asked == [("auto", "explain.device")] and moved == [torch.device("cpu")]
+    assert "explain: device cpu (" in caplog.text and "precision fp32" in caplog.text
+
+
+def test_cuda_without_gpu_stops_naming_the_param(root, monkeypatch):
+    (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "explain": {**PARAMS["explain"], "device": "cuda"}}))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="explain.device is 'cuda' but torch sees no GPU"):
+        run_stage()

@@ -16,15 +16,17 @@ def test_training_code_is_the_train_okd_deps_under_src_okdpose():
     assert all((ROOT / "src" / "okdpose" / n).exists() for n in TRAINING_CODE)
 
 
-def test_parts_follow_params_init_data_and_world_size(tiny_prepared, tmp_path):
+def test_parts_follow_params_init_data_not_how_the_run_executes(tiny_prepared, tmp_path):
     init = tmp_path / "init.pt"
     init.write_bytes(b"weights")
-    flat = {"train.lr": 0.001, "train.device": "cpu", "train.workers": 2, "loss.kld_weight": 1.0, "evaluate.split": "test"}
+    flat = {"train.lr": 0.001, "train.device": "cpu", "train.workers": 2, "train.nproc_per_node": 4,
+            "train.dist_timeout_s": 60, "loss.kld_weight": 1.0, "evaluate.split": "test"}
     parts = fingerprint_parts(flat, ("loss.", "train."), init, tiny_prepared)
     assert parts["params"] == {"train.lr": 0.001, "loss.kld_weight": 1.0}     # not device / workers / evaluate
-    assert set(NOT_FINGERPRINTED) == {"train.device", "train.workers"}
-    assert parts["code_sha256"] == code_digest() and "world_size" not in parts
-    assert fingerprint_parts(flat, ("loss.", "train."), init, tiny_prepared, world_size=2)["world_size"] == 2
+    assert set(NOT_FINGERPRINTED) == {"train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s"}
+    # the world size is last.pt's own field (the Trainer accepts a finished run at any)
+    assert parts["code_sha256"] == code_digest() and set(parts) == {"params", "init_sha256", "data_sha256",
+                                                                      "code_sha256"}
     assert fingerprint(parts) == fingerprint(dict(reversed(parts.items())))   # key order does not matter
     init.write_bytes(b"other weights")
     again = fingerprint_parts(flat, ("loss.", "train."), init, tiny_prepared)

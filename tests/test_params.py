@@ -30,6 +30,8 @@ def test_repository_params_load_and_match_defaults():
         ({"data": {"image_size": [96, 128], "heatmap_size": [48, 64]}}, ["heatmap_size"]),
         ({"train": {"epochs": "ten"}}, ["train.epochs", "integer"]),
         ({"train": {"lr_steps": [5, 3]}}, ["lr_steps"]),
+        ({"train": {"nproc_per_node": 0}}, ["train.nproc_per_node", ">= 1"]),
+        ({"train": {"dist_timeout_s": 0}}, ["train.dist_timeout_s", ">= 1 second"]),
         ({"model": {"n_stage": 5}}, ["model.n_stage"]),
         ({"data": {"joints": "mpii"}}, ["data.joints"]),
         ({"data": {"image_size": [100, 128], "heatmap_size": [25, 32]}}, ["data.image_size", "multiple of 32"]),

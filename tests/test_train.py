@@ -12,8 +12,7 @@ from okdpose.losses import OKDLoss, joints_mse
 from okdpose.model import MultiOutHRNet, load_model
 from okdpose.params import LossParams, TrainParams
 from okdpose.reports import curve_tables, summarize
-from okdpose.train import (Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator, resolve_device,
-                           selection_score)
+from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator, selection_score
 
 IMAGE, HEATMAP = (48, 64), (12, 16)
 
@@ -87,18 +86,13 @@ def test_optimizers_and_multistep_schedule():
         make_optimizer(model, "rmsprop", 1e-3)
 
 
-def test_device_resolution():
-    assert resolve_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="train.device: auto or cpu"):
-            resolve_device("cuda")
-
-
-def test_fit_writes_best_and_last_with_history(sets, tmp_path):
+def test_fit_writes_best_and_last_with_history(sets, tmp_path, caplog):
     records = []
     t = trainer(sets, tmp_path, on_epoch=records.append, best_extras={"note": "x"})
-    result = t.fit()
+    with caplog.at_level(logging.INFO, logger="okdpose.train"):
+        result = t.fit()
+    assert "train: device cpu (" in caplog.text and "precision fp32, memory format contiguous" in caplog.text
+    assert t.amp_dtype is None and not t.scaler.is_enabled()          # CPU: fp32, no autocast, no scaler
     assert result.epochs_run == 2 and result.resumed_from is None and not result.stopped_early
     assert [r["epoch"] for r in records] == [1, 2] and not any(r["replayed"] for r in records)
     rec = result.history[0]
@@ -221,3 +215,29 @@ def test_early_stopping_on_the_selection_stages(sets, tmp_path):
     assert result.epochs_run == 3 and result.stopped_early and result.best_epoch == 1
     assert math.isclose(result.best_score, 0.5)
     assert selection_score({1: {"AP": -1.0}, 2: {"AP": float("nan")}, 3: {"AP": 0.6}}, (1, 2, 3)) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_on_cuda_bf16_only_with_tensor_cores_else_fp16_with_scaler(sets, tmp_path, monkeypatch, native, dtype):
+    from okdpose.distributed import DistContext
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    t = trainer(sets, tmp_path, ctx=DistContext(device="cuda"))          # constructed only: nothing runs
+    assert t.amp_dtype is dtype and t.scaler.is_enabled() == (dtype is torch.float16)
+
+
+def test_validation_runs_under_the_given_autocast(tiny_prepared, monkeypatch):
+    import okdpose.evaluation
+
+    seen = []
+
+    def fake_evaluate(model, *a, device, **k):
+        seen.append((device, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return {1: {"AP": 0.0}}, None
+
+    monkeypatch.setattr(okdpose.evaluation, "evaluate_model", fake_evaluate)
+    val = PoseDataset(tiny_prepared, "val", BABYPOSE12, HeatmapCodec(IMAGE, HEATMAP, 1.0))
+    for autocast in (None, torch.bfloat16):
+        make_validator(val, tiny_prepared / "val_gt.json", BABYPOSE12, autocast=autocast)(torch.nn.Identity())
+    assert [(d, on) for d, on, _ in seen] == [("cpu", False), ("cpu", True)] and seen[1][2] == torch.bfloat16

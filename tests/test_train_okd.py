@@ -67,6 +67,7 @@ def test_stage_trains_and_writes_every_output(tiny_prepared, tmp_path, monkeypat
     root = project(tmp_path, tiny_prepared)
     m = run_stage(root, monkeypatch)
     assert m["mlflow_run_id"] is None and m["epochs_run"] == 2 and m["resumed_from_epoch"] is None
+    assert m["world_size"] == 1
     assert m["selection"] == {"metric": "mean val AP", "stages": [1, 2]}
     assert set(m["best"]) == {"epoch", "score", "stage1", "stage2"}
     assert set(m["final"]["stage2"]) == {"AP", "AR", "hmPCK50"} and m["final"]["epoch"] == 2
@@ -84,6 +85,46 @@ def test_stage_trains_and_writes_every_output(tiny_prepared, tmp_path, monkeypat
     ap = read_csv(plots / "val_ap.csv")
     assert [r["epoch"] for r in ap] == ["1", "2"] and set(ap[0]) == {"epoch", "stage1", "stage2", "score"}
     assert float(read_csv(plots / "losses.csv")[0]["kl_weight"]) == 0.5
+
+
+def test_nproc_per_node_relaunches_the_stage_through_torch_distributed_run(tiny_prepared, tmp_path, monkeypatch):
+    import okdpose.distributed as distributed
+
+    root = project(tmp_path, tiny_prepared, train={"nproc_per_node": 2})
+    calls = []
+
+    class Launcher:                           # subprocess.Popen, exiting with 0
+        def __init__(self, cmd):
+            calls.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Launcher)
+    for name in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as done:
+        run_stage(root, monkeypatch)
+    assert done.value.code == 0          # the launcher's exit code
+    assert calls == [distributed.launch_command(2, STAGE)]
+    assert not (root / "models" / "last.pt").exists()        # this process trained nothing itself
+
+
+@pytest.mark.slow
+def test_dvc_repro_trains_as_two_processes_and_then_is_up_to_date(tmp_path):
+    from test_e2e import build_pipeline_repo, dvc_json, sh, stages_in
+
+    repo = build_pipeline_repo(tmp_path / "okdpose", {"train.nproc_per_node": 2, "train.channels_last": True,
+                                                      "tracking.enabled": False})
+    log = (tmp_path / "repro.log").read_text()
+    assert "train-okd" in stages_in(log)[0] and "starting 2 processes" in log, log
+    assert "rank 0 of 2 (gloo" in log and "rank 1 of 2 (gloo" in log, log
+    assert "Grad strides do not match bucket view strides" not in log, log    # channels-last before the wrap
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    assert train["world_size"] == 2 and train["epochs_run"] == 2 and train["resumed_from_epoch"] is None
+    assert torch.load(repo / "models" / "last.pt", weights_only=True)["world_size"] == 2
+    again = sh(repo, "dvc", "repro")
+    assert stages_in(again.stdout)[0] == set() and dvc_json(repo, "status") == {}, again.stdout
 
 
 def test_changed_params_start_fresh_and_bad_init_names_the_fix(tiny_prepared, tmp_path, monkeypatch, caplog):

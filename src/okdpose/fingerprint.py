@@ -2,7 +2,7 @@
 init weights, prepared data, the training code), which decides whether `last.pt` may be resumed,
 and the readable list of what changed between two of them.
 
-    parts = fingerprint_parts(p.flat(), PARAMS, "models/init.pt", "data/prepared", world_size)
+    parts = fingerprint_parts(p.flat(), PARAMS, "models/init.pt", "data/prepared")
     fingerprint(parts)                    # sha256 hex
     describe_changes(old_parts, parts)    # 'params.loss.kld_weight: 0.5 -> 0.25, init_sha256 changed'
 """
@@ -18,13 +18,15 @@ from okdpose.params import flatten
 
 # the okdpose sources that decide a training result: exactly the src/okdpose deps of train-okd in
 # dvc.yaml (tests/test_fingerprint.py compares the two), in that order
-TRAINING_CODE = ("train.py", "distributed.py", "seeding.py", "fingerprint.py", "reports.py", "losses.py", "data",
-                 "codec.py", "geometry.py", "evaluation.py", "inference.py", "metrics.py", "joints.py",
+TRAINING_CODE = ("train.py", "device.py", "distributed.py", "seeding.py", "fingerprint.py", "reports.py", "losses.py",
+                 "data", "codec.py", "geometry.py", "evaluation.py", "inference.py", "metrics.py", "joints.py",
                  "tracking.py", "model")
 # the prepared data training reads (train samples, val samples and their COCO ground truth)
 PREPARED_FILES = ("meta.json", "train_gt.npz", "val_gt.npz", "val_gt.json")
 # params that change how a run executes, not what it computes: a run resumes across them
-NOT_FINGERPRINTED = ("train.device", "train.workers")
+# (train.nproc_per_node sets the world size, which last.pt records and the Trainer checks itself:
+# a finished run is accepted at any world size, an unfinished one resumes only at its own)
+NOT_FINGERPRINTED = ("train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s")
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:
@@ -33,16 +35,13 @@ def fingerprint(parts: Mapping[str, Any]) -> str:
 
 
 def fingerprint_parts(flat_params: Mapping[str, Any], prefixes: Sequence[str], init: str | Path,
-                      prepared: str | Path, world_size: int = 1) -> dict[str, Any]:
+                      prepared: str | Path) -> dict[str, Any]:
     """What `fingerprint` digests: the training params (flat keys starting with one of `prefixes`),
-    the sha256 of the init weights, of the prepared data and of the training code; `world_size`
-    only when distributed (N ranks x batch_size is another global batch: no resume across it)."""
-    parts: dict[str, Any] = {"params": training_params(flat_params, prefixes), "init_sha256": sha256_file(init),
-                             "data_sha256": files_digest([Path(prepared) / n for n in PREPARED_FILES]),
-                             "code_sha256": code_digest()}
-    if world_size > 1:
-        parts["world_size"] = world_size
-    return parts
+    the sha256 of the init weights, of the prepared data and of the training code. Not the world
+    size: last.pt records it apart, so a finished result is found again at any world size."""
+    return {"params": training_params(flat_params, prefixes), "init_sha256": sha256_file(init),
+            "data_sha256": files_digest([Path(prepared) / n for n in PREPARED_FILES]),
+            "code_sha256": code_digest()}
 
 
 def training_params(flat: Mapping[str, Any], prefixes: Sequence[str]) -> dict[str, Any]:

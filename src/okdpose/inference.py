@@ -72,6 +72,12 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def input_memory_format(device: str | torch.device) -> torch.memory_format:
+    """The memory format `predict` feeds on `device`: channels-last on the CPU (oneDNN's CPU
+    convolutions are faster so; the folded copy is channels-last there too), else as loaded."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def _fast_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
     """The folded inference copy of an HRNet (eval mode), else the model itself."""
     from okdpose.model.fuse import inference_copy
@@ -125,9 +131,7 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
                 from tqdm import tqdm
                 batches = tqdm(loader, desc="predict", unit="batch")
             for images, target, _, meta in batches:
-                x = images.to(dev, non_blocking=True)
-                if dev.type == "cpu":     # oneDNN's CPU convolutions are faster channels-last
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = images.to(dev, non_blocking=True).contiguous(memory_format=input_memory_format(dev))
                 outs = _outputs(net(x))
                 if flip_test:
                     flipped = _outputs(net(torch.flip(x, dims=[3])))

@@ -201,6 +201,9 @@ class TrainParams:
     amp: bool = True                   # CUDA only; ignored on CPU (bf16 there is slower)
     grad_clip: Optional[float] = None  # max gradient norm
     channels_last: bool = False        # memory format of the model and batches (checkpoints stay contiguous)
+    deterministic: bool = False        # CUDA: deterministic algorithms, TF32 off (else cudnn.benchmark); CPU: no-op
+    nproc_per_node: int = 1            # > 1: the stage runs itself as N data-parallel processes (torch.distributed.run)
+    dist_timeout_s: int = 1800         # how long a rank waits in a collective (rank 0 validates alone meanwhile)
 
     def validate(self, where: str) -> None:
         if self.epochs < 1:
@@ -217,6 +220,12 @@ class TrainParams:
             raise ParamsError(f"{where}.workers and {where}.patience must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ParamsError(f"{where}.grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.nproc_per_node < 1:
+            raise ParamsError(f"{where}.nproc_per_node must be >= 1 (1: one process; N: N data-parallel processes, "
+                              f"e.g. one per GPU), got {self.nproc_per_node}")
+        if self.dist_timeout_s < 1:
+            raise ParamsError(f"{where}.dist_timeout_s must be >= 1 second (longer than a validation pass), got "
+                              f"{self.dist_timeout_s}")
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,7 @@ class EvaluateParams:
     in_vis_thre: float = 0.2
     image_thre: float = 0.0
     num_images: int = 4           # test images drawn with predicted vs ground-truth skeletons
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # where the model runs (auto: cuda when torch sees a GPU)
 
     def validate(self, where: str) -> None:
         if self.batch_size < 1:
@@ -252,6 +262,7 @@ class ExplainParams:
     layers: tuple[str, ...] = ()                # extra target layers by dotted module name
     seed: int = 0
     pointing_radius: float = 0.1                # pointing-game hit radius, fraction of max(box w, h) (as PCK)
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # where the model runs (auto: cuda when torch sees a GPU)
 
     def validate(self, where: str) -> None:
         if self.num_images < 1:

@@ -7,11 +7,14 @@ per-rank) seeds, and capture / restore every RNG state for exact resume.
 """
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -42,10 +45,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what `rng_state` captured (the CUDA states only where CUDA is available)."""
+    """Restore what `rng_state` captured: the CUDA states of the GPUs visible now (one per GPU
+    of the saving machine was stored; the others are skipped, and the log says so)."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    saved = list(state.get("cuda") or [])
+    visible = torch.cuda.device_count() if saved and torch.cuda.is_available() else 0
+    for i, cuda_state in enumerate(saved[:visible]):
+        torch.cuda.set_rng_state(cuda_state, i)
+    if len(saved) > visible:
+        log.info("restored the CUDA RNG states of %d GPU(s); %d saved for GPUs not visible now were skipped",
+                 visible, len(saved) - visible)
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))

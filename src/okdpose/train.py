@@ -5,6 +5,7 @@ stopping, checkpoints and exact resume) with the optimiser, schedule and validat
                       validate=validate, params=p.train, ctx=ctx, select_stages=(3, 4),
                       last_path="models/last.pt", best_path="models/model.pt", fingerprint=fp)
     result = trainer.fit()            # resumes from last_path when its fingerprint matches
+                                      # (and its world size, unless it finished)
 
 Everything is passed in (model, optimiser, scheduler, data set, validation function, the
 `DistContext` with the device and this process's rank), nothing is global, so a distributed
@@ -12,7 +13,7 @@ launcher can wrap the model, inject a per-epoch sampler (`sampler_factory`) and 
 main rank write. Stages are 1-based ints throughout (validate(model) -> {stage: {metric: value}}).
 
 Determinism (CPU): `okdpose.seeding.seed_everything` seeds torch / numpy / random once at a fresh
-start; each epoch's shuffle uses a generator seeded from (seed, epoch); `last.pt`
+start; each epoch's shuffle uses a generator seeded from (seed, epoch, rank); `last.pt`
 (`okdpose.model.checkpoint.save_resume`) stores every RNG state at the end of each epoch. A run
 killed at any point and resumed reaches bit-identical weights and metrics. The KL ramp-up uses
 the fractional epoch: `(epoch - 1) + step / steps_per_epoch`.
@@ -34,6 +35,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from okdpose import distributed
+from okdpose.data.dataset import prepare_workers
+from okdpose.device import amp_dtype, configure_backends, describe
 from okdpose.distributed import DistContext
 from okdpose.fingerprint import describe_changes
 from okdpose.model.checkpoint import read_resume, save_checkpoint, save_resume
@@ -55,15 +58,6 @@ class TrainingDiverged(RuntimeError):
 
 # --------------------------------------------------------------------------- set-up helpers
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an error naming the fix."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch sees no GPU; set train.device: auto or cpu")
-    return torch.device(device)
-
-
 def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.9,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """Adam (the original) or SGD with momentum; weight decay on every parameter."""
@@ -82,10 +76,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, lr_steps: Sequence[int],
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_steps), gamma=lr_factor)
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The model's and the batches' memory format for train.channels_last (checkpoints stay
+    contiguous); a DDP model is moved to it before the wrap (`okdpose.distributed.wrap`)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def make_validator(dataset: Dataset, gt_json: str | Path, spec: Any, *, batch_size: int = 32,
-                   device: str = "cpu", workers: int = 0) -> Validate:
+                   device: str | torch.device = "cpu", workers: int = 0,
+                   autocast: Optional[torch.dtype] = None) -> Validate:
     """validate(model) -> {stage: val metrics} through `okdpose.evaluation.evaluate_model` (the
-    evaluate stage's code path): ground-truth boxes, no flip test."""
+    evaluate stage's code path): ground-truth boxes, no flip test, on `device` (where the model
+    is), under `autocast` (a dtype as the Trainer's `amp_dtype`; CUDA only, None: fp32)."""
     from okdpose.evaluation import evaluate_model
 
     path = Path(gt_json)
@@ -95,8 +97,10 @@ def make_validator(dataset: Dataset, gt_json: str | Path, spec: Any, *, batch_si
     ground_truth = json.loads(path.read_text())      # read once, not every epoch
 
     def validate(model: nn.Module) -> Metrics:
-        metrics, _ = evaluate_model(model, dataset, ground_truth, spec, batch_size=batch_size, device=device,
-                                    flip_test=False, workers=workers, progress=False, use_gt_bbox=True)
+        with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32,
+                            enabled=autocast is not None):
+            metrics, _ = evaluate_model(model, dataset, ground_truth, spec, batch_size=batch_size, device=device,
+                                        flip_test=False, workers=workers, progress=False, use_gt_bbox=True)
         return metrics
 
     return validate
@@ -120,6 +124,7 @@ class TrainResult:
     stopped_early: bool
     resumed_from: Optional[int]          # last completed epoch found in last.pt, None if fresh
     fresh_reason: Optional[str] = None   # why an existing last.pt was not used
+    world_size: int = 1                  # the processes that trained it (last.pt's for a finished run replayed)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -143,11 +148,11 @@ class Trainer:
     loss_fn(outputs, target, weight, consistency=c) -> (total, terms) as `okdpose.losses.OKDLoss`,
     with a `consistency(epoch: float)` method; it gets the model outputs as they are (it upcasts
     half precision itself). validate(model) -> {stage: {"AP": ..}}. `params` is the `train`
-    section (epochs, batch_size, seed, workers, amp, grad_clip, patience, channels_last); the
-    device is `ctx.device` (train.device as the launcher resolved it). `on_epoch(record)` is
-    called after every epoch (also for the epochs found in last.pt on resume, with
-    record["replayed"] True) and `on_step(epoch, step)` after every optimiser step (hooks for
-    logging, tests, or a launcher). `best_extras` go into model.pt with the epoch, val metrics,
+    section (epochs, batch_size, seed, workers, amp, grad_clip, patience, channels_last,
+    deterministic); the device is `ctx.device` (train.device as the launcher resolved it).
+    `on_epoch(record)` is called after every epoch (also for the epochs found in last.pt on
+    resume, with record["replayed"] True) and `on_step(epoch, step)` after every optimiser step
+    (hooks for logging, tests, or a launcher). `best_extras` go into model.pt with the epoch, val metrics,
     score, selection stages and fingerprint.
     """
 
@@ -175,15 +180,13 @@ class Trainer:
         self.device = torch.device(self.ctx.device)
         self.last_path = Path(self.last_path) if self.last_path else None
         self.best_path = Path(self.best_path) if self.best_path else None
-        cuda = self.device.type == "cuda"
-        self.amp_dtype: Optional[torch.dtype] = None
-        if self.params.amp and cuda:      # never on CPU: bf16 autocast is much slower there (README)
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.amp_dtype = amp_dtype(self.device, self.params.amp)     # None on CPU: fp32 (README)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.memory_format = torch.channels_last if self.params.channels_last else torch.contiguous_format
+        self.memory_format = memory_format(self.params.channels_last)
         self.history: list[dict[str, Any]] = []
         self.best_epoch, self.best_score, self.best_state = 0, -math.inf, None
         self.epochs_since_best, self.epoch, self.finished = 0, 0, False
+        self.world_size = self.ctx.world_size      # last.pt's when a finished run is replayed
 
     # ------------------------------------------------------------------ public
     def fit(self) -> TrainResult:
@@ -194,6 +197,8 @@ class Trainer:
         """
         # in place: the optimizer keeps the same Parameter objects; checkpoints are written contiguous
         self.model.to(self.device, memory_format=self.memory_format)
+        configure_backends(self.device, self.params.deterministic)
+        log.info("train: %s", describe(self.device, self.amp_dtype, self.memory_format))
         resumed, why = self._resume()
         if resumed is None:
             seed_everything(self.params.seed)
@@ -204,15 +209,18 @@ class Trainer:
         if self.best_state is not None:
             _unwrap(self.model).load_state_dict(self.best_state)
         return TrainResult(self.history, self.best_epoch, self.best_score, self.epoch,
-                           self.finished and self.epoch < self.params.epochs, resumed, why)
+                           self.finished and self.epoch < self.params.epochs, resumed, why, self.world_size)
 
     # ------------------------------------------------------------------ epochs
     def loader(self, epoch: int) -> DataLoader:
-        """Epoch `epoch`'s loader: shuffled by a generator seeded from (seed, epoch), or by the
-        injected sampler."""
+        """Epoch `epoch`'s loader: shuffled by a generator seeded from (seed, epoch, rank), or by
+        the injected sampler. The generator also seeds the workers' augmentation streams, hence
+        the rank (rank 0's seed is the single process's: epoch_seed(seed, epoch, 0) ==
+        epoch_seed(seed, epoch))."""
         s = self.params
-        g = torch.Generator().manual_seed(epoch_seed(s.seed, epoch))
+        g = torch.Generator().manual_seed(epoch_seed(s.seed, epoch, self.ctx.rank))
         sampler = self.sampler_factory(epoch) if self.sampler_factory else None
+        prepare_workers(s.workers)
         return DataLoader(self.train_set, batch_size=s.batch_size, shuffle=sampler is None, sampler=sampler,
                           generator=g, num_workers=s.workers, pin_memory=self.device.type == "cuda",
                           drop_last=False)
@@ -225,7 +233,8 @@ class Trainer:
 
     def _train_pass(self, epoch: int) -> tuple[dict[str, float], int, float]:
         """One pass over this rank's training samples -> (sum of each loss term x batch size,
-        images, seconds)."""
+        images, seconds). One host sync per step (the finiteness check): the sums stay on the
+        device in float64 (the same IEEE operations as summing python floats) until the end."""
         from tqdm import tqdm
 
         s, model = self.params, self.model
@@ -233,7 +242,7 @@ class Trainer:
             seed_everything(epoch_seed(s.seed, epoch, self.ctx.rank))
         loader = self.loader(epoch)
         steps = len(loader)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}
         images = 0
         show = (sys.stderr.isatty() if self.progress is None else self.progress) and self.ctx.is_main
         model.train()
@@ -253,12 +262,14 @@ class Trainer:
             n = int(image.shape[0])
             images += n
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n
-            bar.set_postfix(loss=f"{sums['total'] / images:.3g}", refresh=False)
+                sums[k] = sums.get(k, 0.0) + v.detach().double() * n
+            if show and (step % 10 == 0 or step == steps):      # reading the loss is a host sync
+                bar.set_postfix(loss=f"{float(sums['total']) / images:.3g}", refresh=False)
             if self.on_step is not None:
                 self.on_step(epoch, step)
         bar.close()
-        return sums, images, time.perf_counter() - start
+        totals = {k: float(v) for k, v in sums.items()}     # once per epoch (terms may be on the CPU or the GPU)
+        return totals, images, time.perf_counter() - start
 
     def _optimizer_step(self, total: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -333,7 +344,7 @@ class Trainer:
             return
         save_resume(self.last_path, {
             "fingerprint": self.fingerprint, "fingerprint_parts": dict(self.fingerprint_parts),
-            "epoch": self.epoch, "finished": self.finished,
+            "epoch": self.epoch, "finished": self.finished, "world_size": self.ctx.world_size,
             "model": _cpu_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -344,17 +355,40 @@ class Trainer:
             "history": self.history,
         })
 
-    def _resume(self) -> tuple[Optional[int], Optional[str]]:
-        """Load last_path when it matches -> (its epoch, None); else (None, why it was not used)."""
+    def _read_last(self) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+        """last_path's state when this run may resume it -> (state, None); else (None, why not).
+        A finished run is accepted at any world size (its result is done), an unfinished one only
+        at its own (N ranks x batch_size is its global batch)."""
         path = self.last_path
         state, why = read_resume(path) if path is not None else (None, None)
-        if state is not None and state.get("fingerprint") != self.fingerprint:
-            changes = describe_changes(state.get("fingerprint_parts") or {}, self.fingerprint_parts)
-            state, why = None, f"{path} was written for other training inputs ({changes})"
         if state is None:
-            if why is not None:
+            return None, why
+        if state.get("fingerprint") != self.fingerprint:
+            changes = describe_changes(state.get("fingerprint_parts") or {}, self.fingerprint_parts)
+            return None, f"{path} was written for other training inputs ({changes})"
+        saved, world = int(state.get("world_size", 1)), self.ctx.world_size
+        if saved != world:
+            if not state["finished"]:
+                return None, (f"{path} holds an unfinished run of world_size {saved} (processes), this run has "
+                              f"world_size {world}; a run resumes only at its own world size (another global "
+                              f"batch). Set train.nproc_per_node: {saved} to resume it")
+            log.info("%s: a finished run of world_size %d, used as is by this run of world_size %d", path, saved,
+                     world)
+        return state, None
+
+    def _resume(self) -> tuple[Optional[int], Optional[str]]:
+        """Load last_path when it matches -> (its epoch, None); else (None, why it was not used).
+        The main rank reads and decides; under DDP it broadcasts the state, so every rank resumes
+        alike, also where the others have no (or another) last.pt (no shared filesystem)."""
+        path = self.last_path
+        state, why = self._read_last() if self.ctx.is_main else (None, None)
+        if self.ctx.enabled:
+            state, why = distributed.broadcast_object((state, why))
+        if state is None:
+            if why is not None and self.ctx.is_main:
                 log.warning("%s; starting fresh", why)
             return None, why
+        self.world_size = int(state.get("world_size", 1))
         _unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -124,6 +125,16 @@ class PoseDataset(Dataset):
                 "flipped": flipped, "joints": joints}
         return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), torch.from_numpy(target),
                 torch.from_numpy(weight), meta)
+
+
+def prepare_workers(workers: int) -> None:
+    """Call before a DataLoader starts `workers` worker processes: > 0 puts OpenCV on one thread
+    in this process, which the (forked) workers inherit; their processes are the parallelism
+    already, OpenCV threads in each would compete with them and with training. Set here, not in
+    a `worker_init_fn`: `cv2.setNumThreads` inside a forked worker hangs once this process's
+    OpenCV thread pool has run (OpenCV 5.0, pthreads). Draws no random numbers."""
+    if workers > 0:
+        cv2.setNumThreads(1)
 
 
 def denormalize(image: torch.Tensor | np.ndarray) -> np.ndarray:

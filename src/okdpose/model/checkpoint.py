@@ -17,6 +17,7 @@ strings, lists and dicts, read with weights_only=True):
     {"format": "okdpose-last", "version": 2,
      "fingerprint": hex, "fingerprint_parts": dict,       # okdpose.fingerprint
      "epoch": last completed (1-based), "finished": bool,
+     "world_size": processes that trained it (absent: 1),
      "model", "optimizer", "scheduler", "scaler": state dicts (scaler None without fp16),
      "rng": {torch, cuda, numpy, python},                 # okdpose.seeding.rng_state
      "best": {epoch, score, state_dict}, "epochs_since_best": int,
