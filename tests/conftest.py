@@ -39,3 +39,28 @@ def tiny_prepared(tiny_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prep") / "prepared"
     prepare_dataset(tiny_raw, out, BABYPOSE12, TINY_IMAGE_SIZE, DEPTH_RANGE, progress=False)
     return out
+
+
+@pytest.fixture
+def fake_launcher(monkeypatch):
+    """Replaces the launcher subprocess of `okdpose.distributed` (outside any launcher's environment):
+    `fake_launcher(code)` -> the list the commands it was started with are appended to."""
+    from okdpose import distributed
+
+    for name in distributed.LAUNCHER_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+    def install(code: int) -> list:
+        calls: list = []
+
+        class Launcher:                       # subprocess.Popen, exiting with `code`
+            def __init__(self, cmd):
+                calls.append(cmd)
+
+            def wait(self):
+                return code
+
+        monkeypatch.setattr(distributed.subprocess, "Popen", Launcher)
+        return calls
+
+    return install

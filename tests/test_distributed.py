@@ -227,19 +227,8 @@ def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tm
 
 # --------------------------------------------------------------------------- launch
 
-def test_the_stage_relaunches_itself_only_when_asked_and_not_yet_launched(monkeypatch):
-    calls = []
-
-    class Launcher:                           # subprocess.Popen, exiting with 3
-        def __init__(self, cmd):
-            calls.append(cmd)
-
-        def wait(self):
-            return 3
-
-    monkeypatch.setattr(distributed.subprocess, "Popen", Launcher)
-    for name in distributed.LAUNCHER_ENV:
-        monkeypatch.delenv(name, raising=False)
+def test_the_stage_relaunches_itself_only_when_asked_and_not_yet_launched(monkeypatch, fake_launcher):
+    calls = fake_launcher(3)
     assert distributed.relaunch_if_needed(1, "stages/train_okd.py") is None and not calls
     assert distributed.relaunch_if_needed(2, "stages/train_okd.py") == 3       # the launcher's exit code
     assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -87,22 +87,12 @@ def test_stage_trains_and_writes_every_output(tiny_prepared, tmp_path, monkeypat
     assert float(read_csv(plots / "losses.csv")[0]["kl_weight"]) == 0.5
 
 
-def test_nproc_per_node_relaunches_the_stage_through_torch_distributed_run(tiny_prepared, tmp_path, monkeypatch):
+def test_nproc_per_node_relaunches_the_stage_through_torch_distributed_run(tiny_prepared, tmp_path, monkeypatch,
+                                                                           fake_launcher):
     import okdpose.distributed as distributed
 
     root = project(tmp_path, tiny_prepared, train={"nproc_per_node": 2})
-    calls = []
-
-    class Launcher:                           # subprocess.Popen, exiting with 0
-        def __init__(self, cmd):
-            calls.append(cmd)
-
-        def wait(self):
-            return 0
-
-    monkeypatch.setattr(distributed.subprocess, "Popen", Launcher)
-    for name in distributed.LAUNCHER_ENV:
-        monkeypatch.delenv(name, raising=False)
+    calls = fake_launcher(0)
     with pytest.raises(SystemExit) as done:
         run_stage(root, monkeypatch)
     assert done.value.code == 0          # the launcher's exit code
