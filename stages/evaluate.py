@@ -12,10 +12,10 @@ from pathlib import Path
 
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
-from okdpose.device import describe, resolve_device
+from okdpose.device import describe, input_memory_format, resolve_device
 from okdpose.evaluation import evaluate_report, per_joint_rows
 from okdpose.files import atomic_dir, write_csv, write_json
-from okdpose.inference import input_memory_format, predict
+from okdpose.inference import predict
 from okdpose.model import CheckpointError, load_model, stage_costs_table
 from okdpose.params import ParamsError, load_params
 from okdpose.tracking import log_to_pipeline_run

@@ -17,7 +17,7 @@ from pathlib import Path
 from okdpose import distributed
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
-from okdpose.device import amp_dtype, resolve_device
+from okdpose.device import amp_dtype, memory_format, resolve_device
 from okdpose.files import write_csv, write_json
 from okdpose.fingerprint import fingerprint, fingerprint_parts
 from okdpose.losses import OKDLoss
@@ -25,7 +25,7 @@ from okdpose.model import CheckpointError, load_model
 from okdpose.params import ParamsError, load_params
 from okdpose.reports import curve_tables, epoch_metrics, final_metrics, summarize
 from okdpose.tracking import Tracker
-from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator, memory_format
+from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator
 
 PREPARED, INIT = Path("data/prepared"), Path("models/init.pt")
 BEST, LAST = Path("models/model.pt"), Path("models/last.pt")

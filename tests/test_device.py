@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from okdpose.device import DeviceError, amp_dtype, configure_backends, describe, resolve_device
+from okdpose.device import (DeviceError, amp_dtype, configure_backends, describe, input_memory_format, memory_format,
+                            resolve_device)
 
 
 def no_gpu(monkeypatch, cuda_build):
@@ -94,3 +95,9 @@ def test_describe(monkeypatch):
     assert line.startswith("device cuda:0 (Tesla T4, 16 GiB, ")
     assert line.endswith("precision fp16 autocast + GradScaler, memory format channels-last")
     assert "bf16 autocast" in describe(torch.device("cuda:0"), torch.bfloat16, torch.channels_last)
+
+
+def test_inputs_go_channels_last_on_the_cpu_only():
+    assert input_memory_format("cpu") == torch.channels_last
+    assert input_memory_format(torch.device("cuda", 0)) == torch.contiguous_format
+    assert memory_format(True) == torch.channels_last and memory_format(False) == torch.contiguous_format

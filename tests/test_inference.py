@@ -181,10 +181,3 @@ def test_a_subset_keeps_the_annotation_ids(tiny_prepared):
     sub = predict(model, Subset(ds, [2, 0]), flip_test=True)       # rows map back to the records
     assert sub.ann_ids.tolist() == [int(ds.records.ann_id[2]), int(ds.records.ann_id[0])]
     np.testing.assert_allclose(sub.coords, full.coords[:, [2, 0]], atol=1e-3)
-
-
-def test_inputs_go_channels_last_on_the_cpu_only():
-    from okdpose.inference import input_memory_format
-
-    assert input_memory_format("cpu") == torch.channels_last
-    assert input_memory_format(torch.device("cuda", 0)) == torch.contiguous_format

@@ -75,6 +75,18 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
     torch.backends.cudnn.allow_tf32 = not deterministic     # torch's default: TF32 convolutions
 
 
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The model's and the batches' memory format for train.channels_last (checkpoints stay
+    contiguous); a DDP model is moved to it before the wrap (`okdpose.distributed.wrap`)."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def input_memory_format(device: str | torch.device) -> torch.memory_format:
+    """The memory format `predict` feeds on `device`: channels-last on the CPU (oneDNN's CPU
+    convolutions are faster so; the folded copy is channels-last there too), else as loaded."""
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
 def describe(device: torch.device, dtype: Optional[torch.dtype], memory_format: torch.memory_format) -> str:
     """One line: the device (GPU name and memory, or the CPU threads), precision, memory format
     and the cuDNN mode."""

@@ -64,13 +64,12 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
     from okdpose.data.coco import prepare_dataset
     from okdpose.data.dataset import PoseDataset
     from okdpose.data.fetch import fetch_raw
-    from okdpose.device import PRECISION, amp_dtype, describe, resolve_device
+    from okdpose.device import PRECISION, amp_dtype, describe, memory_format, resolve_device
     from okdpose.distributed import DistContext, unused_outputs
     from okdpose.losses import OKDLoss
     from okdpose.model.initial import initial_model
     from okdpose.seeding import seed_everything
-    from okdpose.train import (Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator,
-                               memory_format)
+    from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator
 
     p = check_params(preset, device, steps, overrides or {})
     d, t = p.data, p.train

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from okdpose.codec import HeatmapCodec, flip_back, get_max_preds
+from okdpose.device import input_memory_format
 from okdpose.geometry import scale_area
 
 
@@ -70,12 +71,6 @@ def _outputs(out: Any) -> list[torch.Tensor]:
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def input_memory_format(device: str | torch.device) -> torch.memory_format:
-    """The memory format `predict` feeds on `device`: channels-last on the CPU (oneDNN's CPU
-    convolutions are faster so; the folded copy is channels-last there too), else as loaded."""
-    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
 
 
 def _fast_copy(model: nn.Module, fold_bn: bool) -> nn.Module:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from okdpose import distributed
 from okdpose.data.dataset import prepare_workers
-from okdpose.device import amp_dtype, configure_backends, describe
+from okdpose.device import amp_dtype, configure_backends, describe, memory_format
 from okdpose.distributed import DistContext
 from okdpose.fingerprint import describe_changes
 from okdpose.model.checkpoint import read_resume, save_checkpoint, save_resume
@@ -74,12 +74,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, lr_steps: Sequence[int],
     """lr x `lr_factor` after each epoch listed in `lr_steps` (1-based epochs: step 9 means
     epochs 10.. use the lower lr), stepped once per epoch."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(lr_steps), gamma=lr_factor)
-
-
-def memory_format(channels_last: bool) -> torch.memory_format:
-    """The model's and the batches' memory format for train.channels_last (checkpoints stay
-    contiguous); a DDP model is moved to it before the wrap (`okdpose.distributed.wrap`)."""
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def make_validator(dataset: Dataset, gt_json: str | Path, spec: Any, *, batch_size: int = 32,
