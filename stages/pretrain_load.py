@@ -20,15 +20,22 @@ INIT, METRICS = Path("models/init.pt"), Path("metrics/pretrain.json")
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = load_params()
-    pretrained = p.model.pretrained
-    if pretrained is None:
+    key, path = ("model.checkpoint", p.model.checkpoint) if p.model.checkpoint else ("model.pretrained", p.model.pretrained)
+    if path is None:
         print(f"pretrain-load: model.pretrained is null, so no checkpoint is loaded: the model is initialised "
               f"from scratch (HRNet init, train.seed {p.train.seed})")
-    elif PRETRAINED_DIR.resolve() not in Path(pretrained).resolve().parents:
-        logging.warning("model.pretrained %s is outside %s/: DVC will not re-run this stage when it changes; "
-                        "move it into %s/", pretrained, PRETRAINED_DIR, PRETRAINED_DIR)
+    elif PRETRAINED_DIR.resolve() not in Path(path).resolve().parents:
+        logging.warning("%s %s is outside %s/: DVC will not re-run this stage when it changes; "
+                        "move it into %s/", key, path, PRETRAINED_DIR, PRETRAINED_DIR)
     seed_everything(p.train.seed)
-    model, info = initial_model(p.model_config(), pretrained)
+    model, info = initial_model(p.model_config(), p.model.pretrained, p.model.checkpoint)
+    if p.model.checkpoint:
+        arch = info["source"]["architecture"]
+        print(f"pretrain-load: model.checkpoint {path}: {info['source']['model']} (taken as trained: train-okd "
+              "will not train it)\n  " + "\n  ".join(arch["notes"]))
+        if arch["untrained_heads"]:
+            logging.warning("%s: heads %s still hold their initial values (never trained): their stages' AP "
+                            "means nothing", path, arch["untrained_heads"])
     save_checkpoint(INIT, model, source=info["source"], load_report=info["load_report"])
     write_json(METRICS, {"source": info["source"], "keys": info["keys"], "model": model.config(),
                          **model_costs(p.model_config(), p.data.image_size)})

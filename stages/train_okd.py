@@ -20,10 +20,11 @@ from okdpose.data.dataset import PoseDataset
 from okdpose.device import amp_dtype, memory_format, resolve_device
 from okdpose.files import write_csv, write_json
 from okdpose.fingerprint import fingerprint, fingerprint_parts
+from okdpose.given_model import given_summary, validate_given
 from okdpose.losses import OKDLoss
-from okdpose.model import CheckpointError, load_model
+from okdpose.model import CheckpointError, load_model, save_checkpoint
 from okdpose.params import ParamsError, load_params
-from okdpose.reports import curve_tables, epoch_metrics, final_metrics, summarize
+from okdpose.reports import curve_tables, epoch_metrics, final_metrics, named_stages, summarize
 from okdpose.tracking import Tracker
 from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator
 
@@ -33,7 +34,7 @@ METRICS, PLOTS = Path("metrics/train.json"), Path("plots/train")
 UPSTREAM = (Path("metrics/data.json"), Path("metrics/pretrain.json"))
 # the params this stage reads (dvc.yaml lists the same); all but fingerprint.NOT_FINGERPRINTED fingerprint last.pt
 PARAMS = ("data.joints", "data.image_size", "data.heatmap_size", "data.sigma", "data.augment",
-          "model.width", "model.n_stage", "model.multi", "loss.", "train.")
+          "model.width", "model.n_stage", "model.multi", "model.checkpoint", "loss.", "train.")
 
 
 def main() -> None:
@@ -44,8 +45,10 @@ def main() -> None:
     if code is not None:                 # the N processes ran the stage
         sys.exit(code)
     model, _ = load_model(INIT, expect=p.model_config(), fix="run `dvc repro pretrain-load` (or `dvc repro`)")
-    train_set = PoseDataset(PREPARED, "train", p.joint_spec, p.data.codec, augment=p.data.augment, train=True)
     val_set = PoseDataset(PREPARED, "val", p.joint_spec, p.data.codec)
+    if p.model.checkpoint is not None:   # a trained checkpoint, evaluated as is: no training
+        return take_given_model(p, model, val_set)
+    train_set = PoseDataset(PREPARED, "train", p.joint_spec, p.data.codec, augment=p.data.augment, train=True)
     ctx = distributed.init_from_env(str(resolve_device(t.device)), timeout_s=t.dist_timeout_s)   # else a no-op
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
@@ -89,6 +92,30 @@ def main() -> None:
         run.log_artifact(BEST, "models")
     print(f"train-okd: {result.epochs_run} epochs, best mean val AP {summary['best']['score']:.4f} (stages "
           f"{list(p.kd_stages())}) at epoch {summary['best']['epoch']}; wrote {BEST}, {LAST}, {METRICS}, {PLOTS}/")
+
+
+def take_given_model(p, model, val_set) -> None:
+    """model.checkpoint: validate once, write models/model.pt, metrics/train.json and plots/train/
+    in the shapes training writes them (models/last.pt is left as it is)."""
+    device = resolve_device(p.train.device)
+    validate = make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec, batch_size=p.train.batch_size,
+                              device=device)
+    record = validate_given(model.to(device), validate, p.kd_stages())
+    _, init = load_model(INIT)
+    tracker = Tracker.from_params(p.tracking)
+    with tracker.run() as run:
+        run.log_params(p.flat())
+        run.set_tags({"checkpoint": p.model.checkpoint, "trained": "false"})
+        summary = {**given_summary(record, p.kd_stages(), init.get("source", {})), "mlflow_run_id": run.id}
+        save_checkpoint(BEST, model.cpu(), epoch=0, val=named_stages(record["val"]), score=record["score"],
+                        select_stages=list(p.kd_stages()), params=p.to_dict())
+        for name, rows in curve_tables([record]).items():
+            write_csv(PLOTS / f"{name}.csv", rows)
+        write_json(METRICS, summary)
+        run.log_metrics(final_metrics(summary))
+        run.log_artifact(METRICS, "metrics")
+    print(f"train-okd: model.checkpoint {p.model.checkpoint} taken as trained (no training): mean val AP "
+          f"{record['score']:.4f} (stages {list(p.kd_stages())}); wrote {BEST}, {METRICS}, {PLOTS}/")
 
 
 if __name__ == "__main__":

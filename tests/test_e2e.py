@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the copy is there because dvc.yaml lists its files as dependencies)
 PROJECT_FILES = ("dvc.yaml", "stages", "src", "pretrained", ".dvcignore", ".gitignore",
                  ".dvc/config", ".dvc/.gitignore", ".dvc/plots_offline.html", ".dvc/plots")
-STAGES = ("download", "preprocess", "pretrain-load", "train-okd", "evaluate", "explain")
-AFTER_LOSS = ("train-okd", "evaluate", "explain")          # the stages whose params include `loss`
+STAGES = ("download", "preprocess", "pretrain-load", "train-okd", "evaluate", "explain", "export")
+AFTER_LOSS = ("train-okd", "evaluate", "explain", "export")          # the stages whose params include `loss`
 EPOCHS = 2
 EXPERIMENT = "okdpose-e2e"
 # params.yaml of the project with these keys replaced: seconds per stage on a CPU
@@ -42,6 +42,7 @@ TINY = {
     "model.multi": True,
     "model.pretrained": None,
     "loss.kld_couples": [[1, 2]],
+    "export.stages": [2],
     "loss.kld_weight": 1.0,
     "loss.rampup_epochs": 0.0,      # the KL weight is kld_weight from the first step: train.json shows it
     "train.epochs": EPOCHS,
@@ -194,7 +195,7 @@ def test_repro_runs_every_stage_and_logs_one_mlflow_run(repo):
     assert len(baseline) == 1, baseline          # one run for the whole pipeline execution
     (run,) = baseline
     assert run.info.run_id == train["mlflow_run_id"] and run.info.status == "FINISHED"
-    assert run.data.tags["dvc.stages"] == "train-okd,evaluate,explain"
+    assert run.data.tags["dvc.stages"] == "train-okd,evaluate,explain,export"
     assert run.data.params["loss.kld_weight"] == "1.0"
     assert "eval.test.stage2.AP" in run.data.metrics
     history = mlflow_client(repo).get_metric_history(run.info.run_id, "train/total")
@@ -231,6 +232,6 @@ def test_exp_run_reruns_only_the_stages_after_the_loss(repo):
     train = json.loads((repo / "metrics" / "train.json").read_text())
     assert run.info.run_id == train["mlflow_run_id"] and run.info.status == "FINISHED"
     assert run.data.params["loss.kld_weight"] == "0.5" and run.data.tags["dvc.exp_name"] == name
-    assert run.data.tags["dvc.stages"] == "train-okd,evaluate,explain"
+    assert run.data.tags["dvc.stages"] == "train-okd,evaluate,explain,export"
     assert run.data.metrics["train/kl_weight"] == 0.5 and "eval.test.stage1.AP" in run.data.metrics
     assert sum(r.data.tags.get("dvc.exp_name") == name for r in runs.values()) == 1

@@ -87,7 +87,14 @@ def test_stage_writes_every_output_and_its_ap_is_pycocotools(tmp_path, tiny_prep
         assert len(json.loads(saved.read_text())) == len(json.loads((tiny_prepared / "test_gt.json").read_text())["images"])
     assert metrics["stage1"]["gflops"] < metrics["stage2"]["gflops"]
     assert metrics["stage1"]["params_M"] < metrics["stage2"]["params_M"]
+    # the anytime sweep: tau = 0 is the first stage, tau = inf the teacher, exactly
+    anytime = metrics["anytime"]
+    assert anytime["confidence"] == "mean_max" and anytime["curve"][0]["threshold"] == 0.0
+    assert anytime["curve"][0]["AP"] == metrics["stage1"]["AP"] != metrics["stage2"]["AP"]
+    assert anytime["curve"][-1]["threshold"] == "inf" and anytime["curve"][-1]["AP"] == metrics["stage2"]["AP"]
     plots = tmp_path / "plots" / "eval"
+    with open(plots / "anytime.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(anytime["curve"])
     with open(plots / "stages.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["stage"] for r in rows] == ["1", "2"] and float(rows[1]["AP"]) == pytest.approx(metrics["stage2"]["AP"])
@@ -103,6 +110,7 @@ def test_single_output_model_detection_boxes_and_flip_test(tmp_path, tiny_prepar
     metrics = run_stage(tmp_path, monkeypatch)
     assert [k for k in metrics if k.startswith("stage")] == ["stage2"]
     assert metrics["use_gt_bbox"] is False and metrics["flip_test"] is True
+    assert "anytime" not in metrics                    # one output: nothing to exit early from
     assert sorted(p.name for p in (tmp_path / "results" / "eval").iterdir()) == ["predictions_stage2.json"]
     assert not list((tmp_path / "plots" / "eval").glob("*.png"))
 

@@ -5,7 +5,7 @@ import torch
 from pytorch_grad_cam import EigenCAM
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-from okdpose.explain import LayerError, cam_targets, economy_2d_projection, eigencam, eigencam_with_outputs
+from okdpose.explain import LayerError, cam_targets, economy_2d_projection, eigencam, eigencam_with_outputs, oriented_sign
 from okdpose.model import MultiOutHRNet
 from okdpose.viz import cam_overlay, tile_table, write_png_palette
 
@@ -79,7 +79,7 @@ def test_a_map_per_layer_in_range_from_one_forward_per_batch(model, images):
 def test_maps_equal_stock_eigencam_for_features_heads_and_a_branch(model, images):
     # listed out of execution order on purpose: stock matches activations to layers by hook order
     layers = ["intermediate_layers.1", "feature_taps.1", "feature_taps.0", LOW_RES]
-    ours = eigencam(model, images, layers)
+    ours = eigencam(model, images, layers, sign="stock")
     for layer in layers[:2] + layers[3:]:
         with EigenCAM(model, [model.get_submodule(layer)]) as cam:
             stock = cam(images, targets=[])        # targets=[]: grad-cam 1.5.7 needs them with a list output
@@ -95,6 +95,67 @@ def test_economy_projection_equals_stock_sign_included(shape):
     assert ours.shape == stock.shape == (shape[0], *shape[2:]) and ours.dtype == np.float32
     scale = np.abs(stock).max()
     np.testing.assert_allclose(ours, stock, rtol=0, atol=1e-5 * scale)
+
+
+# --------------------------------------------------------------------------- the sign
+
+def blob_layer(channels: int = 6, shape=(16, 12), seed: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """(1, C, h, w) ReLU-like activations: every channel fires (positive gain) on one blob, plus
+    noise, so the first component is the blob; returns them and the blob's (row, col)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:shape[0], 0:shape[1]]
+    centre = (int(rng.integers(3, shape[0] - 3)), int(rng.integers(3, shape[1] - 3)))
+    blob = np.exp(-((ys - centre[0]) ** 2 + (xs - centre[1]) ** 2) / 8.0)
+    gains = rng.uniform(0.5, 2.0, channels)
+    a = gains[:, None, None] * blob + 0.05 * rng.random((channels, *shape))
+    return a[None].astype(np.float32), centre
+
+
+def flipped_svd(monkeypatch):
+    """Make numpy's SVD return the other, equally valid, signs (-U, S, -V^T): the component
+    comes out inverted."""
+    real = np.linalg.svd
+    monkeypatch.setattr(np.linalg, "svd", lambda a, **kw: tuple(x * f for x, f in zip(real(a, **kw), (-1, 1, -1))))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_an_inverted_component_gives_the_oriented_map(monkeypatch, seed):
+    a, centre = blob_layer(seed=seed)
+    right = economy_2d_projection(a, orient=True)
+    assert np.unravel_index(right[0].argmax(), right[0].shape) == centre     # high where the layer fires
+    flipped_svd(monkeypatch)
+    stock = get_2d_projection(a)                    # grad-cam's own function, now inverted
+    assert np.unravel_index(stock[0].argmin(), stock[0].shape) == centre     # the infant would be dark
+    np.testing.assert_array_equal(economy_2d_projection(a, orient=True), right)
+    np.testing.assert_array_equal(economy_2d_projection(a, orient=False), -right)
+    # negated activations fire everywhere but the blob: the oriented map follows them
+    np.testing.assert_array_equal(economy_2d_projection(-a, orient=True), -right)
+
+
+def test_orientation_never_changes_a_map_stock_got_right():
+    rng = np.random.default_rng(5)
+    a = np.maximum(rng.standard_normal((24, 8, 10, 6)), 0).astype(np.float32)
+    stock, ours = economy_2d_projection(a), economy_2d_projection(a, orient=True)
+    right = []
+    for s, x in zip(stock, a):
+        centred = x.reshape(8, -1).T - x.reshape(8, -1).T.mean(axis=0)
+        right.append(oriented_sign(s.ravel().astype(np.float64), centred) > 0)
+    right = np.array(right)
+    assert right.any() and not right.all()          # both cases occur in this set
+    np.testing.assert_array_equal(ours[right], stock[right])          # bit for bit
+    np.testing.assert_array_equal(ours[~right], -stock[~right])
+
+
+def test_oriented_and_stock_maps_of_a_model_differ_only_by_the_flip(model, images):
+    layers = model.feature_layer_names() + model.head_layer_names()
+    stock = eigencam(model, images, layers, sign="stock")
+    ours = eigencam(model, images, layers)
+    with pytest.raises(ValueError, match="sign must be one of"):
+        eigencam(model, images, layers, sign="up")
+    for name in layers:
+        for s, o in zip(stock[name], ours[name]):
+            if not np.array_equal(s, o):            # flipped: then its map is the other half of the projection
+                assert np.corrcoef(s.ravel(), o.ravel())[0, 1] < 0.5, name
 
 
 # --------------------------------------------------------------------------- the model is left alone

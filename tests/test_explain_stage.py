@@ -14,7 +14,8 @@ from okdpose.model import MultiOutHRNet, save_checkpoint
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "explain.py"
 PARAMS = {"data": {"image_size": [48, 64], "heatmap_size": [12, 16]},       # the tiny prepared crops
           "model": {"width": 4, "n_stage": 3}, "loss": {"kld_couples": [[2, 3]]},
-          "explain": {"num_images": 2, "layers": ["stage3.3.branches.2"]}}
+          "explain": {"num_images": 2, "layers": ["stage3.3.branches.2"], "methods": ["eigencam", "gradcam"],
+                      "grid_images": 1}}
 
 
 class FakeRun:
@@ -62,31 +63,45 @@ def run_stage() -> None:
 def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, capsys):
     run_stage()                                     # no metrics/train.json yet: nothing logged
     assert "not logged to MLflow" in capsys.readouterr().err and FakeTracker.runs == []
-    pngs = sorted((root / "plots" / "explain").glob("*.png"))
-    npzs = sorted((root / "results" / "explain").glob("*.npz"))
-    assert len(pngs) == len(npzs) == 2 and [p.stem for p in pngs] == [p.stem for p in npzs]
-    assert all(p.stat().st_size < 300_000 for p in pngs)
+    plots, results = root / "plots" / "explain", root / "results" / "explain"
+    npzs = sorted(results.glob("*.npz"))
+    overviews = [p for p in sorted(plots.glob("*.png")) if "_stage" not in p.stem]
+    assert len(overviews) == len(npzs) == 2 and [p.stem for p in overviews] == [p.stem for p in npzs]
+    grids = sorted(plots.glob("*_stage*.png"))             # grid_images 1: the first image's, per stage
+    assert [p.stem for p in grids] == [f"{npzs[0].stem}_stage{k}" for k in (1, 2, 3)]
+    assert all(p.stat().st_size < 300_000 for p in overviews + grids)
     with np.load(npzs[0]) as z:
         assert z["crop"].shape == (64, 48, 3) and z["crop"].dtype == np.uint8
         for layer in ("feature_taps.0", "intermediate_layers.0", "feature_taps.2", "intermediate_layers.2",
                       "stage3.3.branches.2"):
             assert z[layer].shape == (64, 48) and 0 <= z[layer].min() and z[layer].max() <= 1
         assert z["pred_stage3"].shape == (12, 3) and z["box"].shape == (4,) and z["joints"].shape == (12, 3)
+        assert z["stage2_gradcam"].shape == (13, 64, 48)     # 12 joints, then the pose
     m = json.loads((root / "metrics" / "explain.json").read_text())
-    assert list(m) == ["split", "pointing_radius", "stage1", "stage2", "stage3", "extra", "baseline", "images",
-                       "pointing_images"]
-    assert list(m["stage2"]) == ["feature", "head"] and list(m["extra"]) == ["stage3.3.branches.2"]
-    for scores in (m["stage1"]["feature"], m["stage3"]["head"], m["extra"]["stage3.3.branches.2"]):
+    assert list(m) == ["split", "pointing_radius", "sign", "target_peak", "stage1", "stage2", "stage3", "extra",
+                       "chance", "images", "pointing_images"]
+    assert list(m["stage2"]) == ["eigencam", "gradcam", "eigencam_head"] and list(m["extra"]) == ["stage3.3.branches.2"]
+    for scores in (m["stage1"]["eigencam"], m["stage3"]["eigencam_head"], m["extra"]["stage3.3.branches.2"]):
         assert 0 <= scores["energy_in_box"] <= 1
-    assert m["images"] == 2 and 0 < m["baseline"]["energy_in_box"] < 1
+    # (this untrained model's whole-pose GradCAM maps are all zero: not scored, None)
+    assert set(m["stage3"]["gradcam"]) == {"energy_in_box", "pointing_game", "joint_pointing_game",
+                                           "confidence_change", "joint_confidence_change"}
+    assert m["images"] == 2 and 0 < m["chance"]["energy_in_box"] < 1 and m["sign"] == "oriented"
+    table = (root / "plots" / "explain_scores" / "stages.csv").read_text().splitlines()
+    assert table[0] == "stage,method,energy_in_box,pointing_game,joint_pointing_game,confidence_change"
+    assert [r.split(",")[:2] for r in table[1:4]] == [["1", "eigencam"], ["1", "gradcam"], ["1", "chance"]]
+    detail = json.loads((results / "scores.json").read_text())
+    assert detail["images"] == [p.stem for p in npzs] and len(detail["stage3"]["gradcam"]["joint_pointing_game"]) == 2
 
     (root / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
     run_stage()                                     # same seed: the same images
-    assert sorted(p.stem for p in (root / "plots" / "explain").glob("*.png")) == [p.stem for p in pngs]
+    assert sorted(p.stem for p in (root / "plots" / "explain").glob("*.png")) == sorted(p.stem for p in overviews + grids)
     (run,) = FakeTracker.runs
     assert run.id == "abc123"
-    assert run.metrics["explain.stage3.head.energy_in_box"] == m["stage3"]["head"]["energy_in_box"]
-    assert run.artifacts == [("plots/explain", "explain"), ("metrics/explain.json", "explain")]
+    assert run.metrics["explain.stage3.eigencam_head.energy_in_box"] == m["stage3"]["eigencam_head"]["energy_in_box"]
+    assert run.metrics["explain.stage2.gradcam.joint_pointing_game"] == m["stage2"]["gradcam"]["joint_pointing_game"]
+    assert run.artifacts == [("plots/explain", "explain"), ("plots/explain_scores", "explain"),
+                             ("metrics/explain.json", "explain")]
 
 
 @pytest.mark.parametrize("change, words", [
@@ -114,7 +129,8 @@ def test_stage_runs_on_the_resolved_device_and_says_so(root, monkeypatch, caplog
     monkeypatch.setattr(MultiOutHRNet, "to", lambda self, *a, **k: moved.append(a[0]) or real_to(self, *a, **k))
     with caplog.at_level(logging.INFO):
         run_stage()
-    assert asked == [("auto", "explain.device")] and moved == [torch.device("cpu")]
+    assert asked == [("auto", "explain.device")]
+    assert moved and set(map(torch.device, moved)) == {torch.device("cpu")}     # the model and its per-stage copies
     assert "explain: device cpu (" in caplog.text and "precision fp32" in caplog.text
 
 

@@ -90,7 +90,7 @@ def test_two_queued_experiments_share_one_mlflow_store(tmp_path_factory):
         assert name in runs, f"MLflow run {name} lost; runs: {list(runs)}"
         run = runs[name]
         assert run.info.status == "FINISHED" and run.info.run_id == train_metrics[name]["mlflow_run_id"]
-        assert run.data.tags["dvc.exp_name"] == name and run.data.tags["dvc.stages"] == "train-okd,evaluate,explain"
+        assert run.data.tags["dvc.exp_name"] == name and run.data.tags["dvc.stages"] == "train-okd,evaluate,explain,export"
         assert float(run.data.params["loss.kld_weight"]) == weight
         for key in ("train/total", "train/kl_weight", "val/stage1/AP", "val/stage2/AP", "lr"):
             history = client.get_metric_history(run.info.run_id, key)

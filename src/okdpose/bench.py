@@ -382,10 +382,10 @@ def eigencam_bench(map_size: Sequence[int] = (48, 64), channels: int = 32, width
             maps["stock"] = cam(x, targets=[])          # targets=[]: grad-cam 1.5.7 with a list output
 
     def ours() -> None:
-        maps["ours"] = eigencam(model, x, [layer])[layer]
+        maps["ours"] = eigencam(model, x, [layer], sign="stock")[layer]     # stock: grad-cam's own sign
 
     def folded() -> None:
-        maps["folded"] = eigencam(model, x, [layer], fold_bn=True)[layer]
+        maps["folded"] = eigencam(model, x, [layer], fold_bn=True, sign="stock")[layer]
 
     with num_threads(threads):
         from okdpose.model.fuse import inference_copy

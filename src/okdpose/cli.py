@@ -1,5 +1,9 @@
 """okdpose: the package's command-line tools, as subcommands of one command.
 
+    okdpose predict INPUT --model M ...       keypoints on images, frame folders, videos (`okdpose.predict`)
+    okdpose export --model M --stage K ...    a standalone ONNX / TorchScript stage (`okdpose.export`)
+    okdpose evaluate --checkpoint X.pth ...   evaluate any checkpoint on the prepared data (`okdpose.evaluate_cli`)
+    okdpose explain IMAGE --model M ...       CAMs of one frame, per stage and method (`okdpose.explain_image`)
     okdpose grid list|queue|watch|table ...   the paper's experiment grid (`okdpose.grid`)
     okdpose bench [--quick] ...               CPU benchmarks (`okdpose.bench`)
     okdpose COMMAND --help                    that tool's own options
@@ -15,6 +19,10 @@ import sys
 from typing import Optional, Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {     # name -> (module, one-line help)
+    "predict": ("okdpose.predict", "keypoints on an image, a folder of frames or a video, with any model"),
+    "export": ("okdpose.export", "a standalone ONNX / TorchScript model of one stage, verified"),
+    "evaluate": ("okdpose.evaluate_cli", "evaluate a checkpoint file (ours or the original's) without training"),
+    "explain": ("okdpose.explain_image", "CAMs of one frame for a stage, joint and method"),
     "grid": ("okdpose.grid", "the paper's experiment grid as queued DVC experiments, and its Table 1"),
     "bench": ("okdpose.bench", "CPU benchmarks: training step, data loading, inference, EigenCAM"),
 }

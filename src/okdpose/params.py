@@ -9,6 +9,7 @@ Sizes are (w, h) as in the params file; KD couples are 1-based `(student, teache
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,8 +154,12 @@ class ModelParams:
     n_stage: int = 4                 # 1..4: the model is truncated after this stage
     multi: bool = True               # a heatmap head after every stage (False: last only)
     pretrained: Optional[str] = None  # official pose_hrnet_*.pth or one of our checkpoints
+    checkpoint: Optional[str] = None  # a trained model evaluated as is (ours or an OKD-HRNet release): no training
 
     def validate(self, where: str) -> None:
+        if self.pretrained is not None and self.checkpoint is not None:
+            raise ParamsError(f"{where}.pretrained and {where}.checkpoint are both set: pretrained initialises a "
+                              f"training, checkpoint is a trained model evaluated as is; set one of them to null")
         if self.width < 2:
             raise ParamsError(f"{where}.width must be >= 2 (official: 18, 32, 48), got {self.width}")
         if not 1 <= self.n_stage <= MAX_STAGES:
@@ -241,10 +246,16 @@ class EvaluateParams:
     image_thre: float = 0.0
     num_images: int = 4           # test images drawn with predicted vs ground-truth skeletons
     device: Literal["auto", "cpu", "cuda"] = "auto"   # where the model runs (auto: cuda when torch sees a GPU)
+    # anytime (early-exit) sweep: exit thresholds τ on the confidence (0 and inf are always added)
+    anytime_thresholds: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
+    anytime_confidence: Literal["mean_max", "min_max", "median_max"] = "mean_max"
 
     def validate(self, where: str) -> None:
         if self.batch_size < 1:
             raise ParamsError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if any(not (math.isfinite(t) and t >= 0) for t in self.anytime_thresholds):
+            raise ParamsError(f"{where}.anytime_thresholds must be finite numbers >= 0 (0 and inf are always "
+                              f"added), got {list(self.anytime_thresholds)}")
         if not self.pck_thresholds or any(not 0 < t <= 1 for t in self.pck_thresholds):
             raise ParamsError(f"{where}.pck_thresholds must be fractions in (0, 1], got {list(self.pck_thresholds)}")
         for key in ("oks_thre", "in_vis_thre"):
@@ -256,13 +267,18 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ExplainParams:
     split: Literal["val", "test"] = "test"
-    num_images: int = 4
+    num_images: int = 8
     stages: Optional[tuple[int, ...]] = None    # 1-based; null = every stage output
     heads: bool = True                          # also explain each head's output
     layers: tuple[str, ...] = ()                # extra target layers by dotted module name
     seed: int = 0
     pointing_radius: float = 0.1                # pointing-game hit radius, fraction of max(box w, h) (as PCK)
     device: Literal["auto", "cpu", "cuda"] = "auto"   # where the model runs (auto: cuda when torch sees a GPU)
+    sign: Literal["oriented", "stock"] = "oriented"   # EigenCAM component sign: oriented to the activations, or grad-cam's
+    methods: tuple[CamMethod, ...] = ("eigencam",)    # grad-cam methods, each on every stage's feature layer
+    target_peak: Literal["predicted", "gt"] = "predicted"   # where a joint's target reads its heatmap
+    road: bool = False                          # also ROAD faithfulness (grad-cam's; ~0.25 s per map on a 2-core CPU)
+    grid_images: int = 2                        # images that get a joints x methods picture per stage
 
     def validate(self, where: str) -> None:
         if self.num_images < 1:
@@ -270,6 +286,56 @@ class ExplainParams:
         if not 0 < self.pointing_radius <= 1:
             raise ParamsError(f"{where}.pointing_radius must be a fraction of the box size in (0, 1], "
                               f"got {self.pointing_radius}")
+        if self.grid_images < 0:
+            raise ParamsError(f"{where}.grid_images must be >= 0, got {self.grid_images}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ParamsError(f"{where}.methods must list each method once, at least one, got {list(self.methods)}; "
+                              f"e.g. [eigencam, gradcam]")
+
+
+CAM_METHODS = ("eigencam", "gradcam", "hirescam", "gradcampp", "xgradcam", "layercam", "eigengradcam",
+               "scorecam", "ablationcam")
+CamMethod = Literal["eigencam", "gradcam", "hirescam", "gradcampp", "xgradcam", "layercam", "eigengradcam",
+                    "scorecam", "ablationcam"]
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+ONNX_OPSETS = (11, 20)      # what torch's TorchScript-based ONNX exporter writes (20: its newest)
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """The export stage: which stage outputs become standalone deployable files, how they are
+    checked against PyTorch and how their cost is timed (`okdpose.export`)."""
+
+    stages: tuple[int, ...] = (3, 4)            # 1-based outputs of the trained model (`Params.export_stages`)
+    formats: tuple[Literal["onnx", "torchscript"], ...] = EXPORT_FORMATS
+    opset: int = 17                              # ONNX opset
+    verify_samples: int = 32                     # test crops each export is compared on
+    tolerance: float = 1e-4                      # max |export - PyTorch| / max |PyTorch heatmap|
+    max_near_ties: float = 0.05                  # share of points whose decoding may be a near-tie
+    latency_batches: tuple[int, ...] = (1, 8)
+    latency_repeats: int = 10                    # timed calls per cell (interleaved), median reported
+    threads: int = 1                             # intra-op threads of torch and onnxruntime while timing
+
+    def validate(self, where: str) -> None:
+        if not self.stages or len(set(self.stages)) != len(self.stages) or any(not 1 <= s <= MAX_STAGES for s in self.stages):
+            raise ParamsError(f"{where}.stages must list distinct 1-based stages in 1..{MAX_STAGES}, got {list(self.stages)}")
+        if not self.formats or len(set(self.formats)) != len(self.formats):
+            raise ParamsError(f"{where}.formats must list some of {list(EXPORT_FORMATS)} once each, got {list(self.formats)}")
+        lo, hi = ONNX_OPSETS
+        if not lo <= self.opset <= hi:
+            raise ParamsError(f"{where}.opset must be in {lo}..{hi} (torch's ONNX exporter), got {self.opset}")
+        if self.verify_samples < 1:
+            raise ParamsError(f"{where}.verify_samples must be >= 1, got {self.verify_samples}")
+        if not 0 < self.tolerance < 1:
+            raise ParamsError(f"{where}.tolerance is a fraction of the heatmap scale in (0, 1), e.g. 1e-4; got {self.tolerance}")
+        _check_prob(self.max_near_ties, f"{where}.max_near_ties")
+        if not self.latency_batches or min(self.latency_batches) < 1:
+            raise ParamsError(f"{where}.latency_batches must be batch sizes >= 1, got {list(self.latency_batches)}")
+        if self.latency_repeats < 1 or self.threads < 1:
+            raise ParamsError(f"{where}.latency_repeats and {where}.threads must be >= 1, got "
+                              f"{self.latency_repeats} and {self.threads}")
 
 
 @dataclass(frozen=True)
@@ -286,6 +352,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     explain: ExplainParams = field(default_factory=ExplainParams)
+    export: ExportParams = field(default_factory=ExportParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def validate(self) -> "Params":
@@ -344,6 +411,17 @@ class Params:
         """1-based stage of each model output, in forward order."""
         return tuple(range(1, self.model.n_stage + 1)) if self.model.multi else (self.model.n_stage,)
 
+    def export_stages(self) -> tuple[int, ...]:
+        """`export.stages`, each checked to be an output of the trained model (checked here, by the
+        export stage, not at load: other stages' configs need not list export stages)."""
+        outs = self.output_stages()
+        for s in self.export.stages:
+            if s not in outs:
+                raise ParamsError(f"export.stages: stage {s} is not an output of the trained model (model.n_stage "
+                                  f"{self.model.n_stage}, multi {str(self.model.multi).lower()}: outputs {list(outs)}); "
+                                  f"export some of those, e.g. dvc exp run -S 'export.stages=[{outs[-1]}]'")
+        return tuple(self.export.stages)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -386,6 +464,25 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
     return _build(Params, raw, "").validate()
+
+
+def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params:
+    """The `data`, `evaluate` and `tracking` sections of a params file, with the model a checkpoint
+    file defines (`config`: {width, n_stage, multi, ...}); its training sections are not read.
+    For commands that run a given checkpoint (`okdpose evaluate --checkpoint`, `okdpose explain`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; pass --params or run from the project root")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e})") from None
+    keep = {k: raw[k] for k in ("data", "evaluate", "tracking") if isinstance(raw, dict) and k in raw}
+    model = {k: config[k] for k in ("width", "n_stage", "multi")}
+    try:
+        return params_from_dict({**keep, "model": model, "loss": {"use_kld": False, "kld_couples": []}})
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:

@@ -244,3 +244,56 @@ def explain_picture(crop: np.ndarray, gt: np.ndarray, box: Sequence[float], pred
     columns += [[None, cam_overlay(big, cams[t.key], label=t.layer)] for t in targets if t.stage is None]
     height = max(len(c) for c in columns)
     return tile_table([[c[r] if r < len(c) else None for c in columns] for r in range(height)])
+
+
+def _marker(image: np.ndarray, xy: Sequence[float], color: tuple[int, int, int], filled: bool) -> None:
+    """A joint marker drawn in place: a filled dot (predicted) or a ring with a dark outline (true)."""
+    p = (int(round(xy[0])), int(round(xy[1])))
+    if filled:
+        cv2.circle(image, p, 3, (0, 0, 0), -1, cv2.LINE_AA)
+        cv2.circle(image, p, 2, color, -1, cv2.LINE_AA)
+    else:
+        cv2.circle(image, p, 5, (0, 0, 0), 2, cv2.LINE_AA)
+        cv2.circle(image, p, 5, color, 1, cv2.LINE_AA)
+
+
+def joint_method_grid(crop: np.ndarray, gt: np.ndarray, pred: np.ndarray, pose: Mapping[str, np.ndarray],
+                      joints: Mapping[str, np.ndarray | None], spec: JointSpec, stage: int) -> np.ndarray:
+    """One image's per-joint CAMs of one stage (uint8 BGR): a column per target (the whole pose,
+    then each joint), a row per method, under a first row with the crop and the target's joints.
+    On every tile the true joint is a green ring, the stage's predicted joint a filled dot (pose
+    row: the whole skeletons). crop: uint8 (H, W, 3) RGB; gt, pred: (J, 3) crop px; pose[method]:
+    (H, W); joints[method]: (J, H, W), or None for a method without targets (EigenCAM: pose row only)."""
+    k = TILE_WIDTH / crop.shape[1]
+    size = (TILE_WIDTH, round(crop.shape[0] * k))
+    big = cv2.resize(np.ascontiguousarray(crop[..., ::-1]), size,
+                     interpolation=cv2.INTER_LINEAR if k > 1 else cv2.INTER_AREA)
+
+    def scaled(points: np.ndarray) -> np.ndarray:
+        j = np.asarray(points, np.float64).copy()
+        j[:, :2] = (j[:, :2] + 0.5) * k - 0.5
+        return j
+
+    g, p = scaled(gt), scaled(pred)
+    p[:, 2] = 2
+    header = draw_skeleton(draw_skeleton(big, g, spec, thickness=1, color=GT_COLOR), p, spec,
+                           label=f"S{stage} pose")
+    rows = [[header] + [cam_overlay(big, m, label=name) for name, m in pose.items()]]
+    for j, joint in enumerate(spec.names):
+        tile = big.copy()
+        if g[j, 2] > 0:
+            _marker(tile, g[j], GT_COLOR, filled=False)
+        _marker(tile, p[j], _joint_color(spec, j), filled=True)
+        row: list[np.ndarray | None] = [put_label(tile, joint)]
+        for name, maps in joints.items():
+            if maps is None:
+                row.append(None)
+                continue
+            cell = cam_overlay(big, maps[j], label=name)
+            if g[j, 2] > 0:
+                _marker(cell, g[j], GT_COLOR, filled=False)
+            _marker(cell, p[j], _joint_color(spec, j), filled=True)
+            row.append(cell)
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    return tile_table([[r[c] if c < len(r) else None for r in rows] for c in range(width)])

@@ -1,9 +1,11 @@
 """Multi-output HRNet with official key names, its checkpoints and its cost."""
 from okdpose.model.checkpoint import (
+    Architecture,
     CheckpointError,
     LoadReport,
     load_model,
     load_pretrained,
+    load_released,
     save_checkpoint,
 )
 from okdpose.model.cost import (
@@ -17,6 +19,7 @@ from okdpose.model.cost import (
 from okdpose.model.multi_out import MultiOutHRNet
 
 __all__ = [
+    "Architecture",
     "CheckpointError",
     "LoadReport",
     "MultiOutHRNet",
@@ -25,6 +28,7 @@ __all__ = [
     "forward_flops",
     "load_model",
     "load_pretrained",
+    "load_released",
     "save_checkpoint",
     "stage_costs",
     "stage_costs_table",

@@ -1,8 +1,9 @@
 """The model training starts from: the configured MultiOutHRNet with `model.pretrained` loaded (or
-its HRNet init), and what metrics/pretrain.json reports about it (source, key counts, cost).
+its HRNet init), or the trained `model.checkpoint` taken as is; and what metrics/pretrain.json
+reports about it (source, key counts, cost).
 
     seed_everything(p.train.seed)                       # the HRNet init draws from torch's RNG
-    model, source = initial_model(p.model_config(), p.model.pretrained)
+    model, source = initial_model(p.model_config(), p.model.pretrained, p.model.checkpoint)
     model_costs(p.model_config(), p.data.image_size)    # params and GFLOPs, whole and per stage
 """
 from __future__ import annotations
@@ -13,14 +14,23 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from okdpose.files import sha256_file
-from okdpose.model.checkpoint import load_pretrained
+from okdpose.model.checkpoint import load_pretrained, load_released
 from okdpose.model.cost import count_params, forward_flops, stage_costs
 from okdpose.model.multi_out import MultiOutHRNet
 
 
-def initial_model(config: Mapping[str, Any], pretrained: Optional[str | Path]) -> tuple[MultiOutHRNet, dict[str, Any]]:
-    """MultiOutHRNet(**config) with `pretrained` loaded when set (None: the HRNet init) ->
-    (model, {"source": {path, sha256, kind}, "keys": key counts, "load_report": dict or None})."""
+def initial_model(config: Mapping[str, Any], pretrained: Optional[str | Path],
+                  checkpoint: Optional[str | Path] = None) -> tuple[MultiOutHRNet, dict[str, Any]]:
+    """MultiOutHRNet(**config) with `pretrained` loaded when set (None: the HRNet init), or the
+    trained `checkpoint` loaded exactly (every key the model runs, `load_released`; its inferred
+    architecture must be `config`) -> (model, {"source": {path, sha256, kind[, architecture]},
+    "keys": key counts, "load_report": dict or None})."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        model, arch, report = load_released(path, expect=config)
+        return model.train(), {"source": {"path": str(path), "sha256": sha256_file(path), "kind": "checkpoint",
+                                          "model": arch.describe(), "architecture": arch.to_dict()},
+                               "keys": report.counts(), "load_report": report.to_dict()}
     model = MultiOutHRNet(**config)
     if pretrained is None:
         return model, {"source": {"path": None, "sha256": None, "kind": "scratch"},

@@ -1,0 +1,101 @@
+"""One evaluation of a model on a prepared split, as the evaluate stage and `okdpose evaluate
+--checkpoint` both run it: predictions of every stage, per-stage metrics with their cost, the
+anytime (early-exit) curve, and the files that record them.
+
+    run = run_evaluation(model, p.evaluate, p.data, p.joint_spec, Path("data/prepared"), device="cpu")
+    write_evaluation(run, metrics=Path("metrics/eval.json"), results=Path("results/eval"),
+                     plots=Path("plots/eval"), num_images=p.evaluate.num_images)
+
+metrics/eval.json: {split, use_gt_bbox, flip_test, stage{k}: {AP, AR, ..., params_M, gflops,
+latency_ms}, anytime: {confidence, curve: [{threshold, AP, gflops, exit_stage{k}, ...}]}}; JSON
+has no NaN or infinity: "no value" is null and τ = inf is "inf".
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from okdpose.anytime import anytime_curve, exit_costs
+from okdpose.data.dataset import PoseDataset
+from okdpose.evaluation import EvalReport, evaluate_report, per_joint_rows
+from okdpose.files import atomic_dir, write_csv, write_json
+from okdpose import inference
+from okdpose.inference import Predictions
+from okdpose.joints import JointSpec
+from okdpose.model.cost import stage_costs_table
+from okdpose.model.multi_out import MultiOutHRNet
+from okdpose.viz import pose_examples, write_png_palette
+
+if TYPE_CHECKING:
+    import torch
+
+    from okdpose.params import DataParams, EvaluateParams
+
+
+@dataclass
+class EvalRun:
+    """What one evaluation computed (stages are 1-based ints)."""
+
+    dataset: PoseDataset
+    preds: Predictions
+    report: EvalReport
+    stages: dict[int, dict[str, float]]      # per-stage metrics and cost (params_M, gflops, latency_ms)
+    anytime: list[dict[str, Any]]            # the τ sweep (`anytime.anytime_curve`); [] for one output
+    flags: dict[str, Any]                    # split, use_gt_bbox, flip_test
+    confidence: str
+
+    def summary(self) -> dict[str, Any]:
+        """The metrics/eval.json document."""
+        named = {f"stage{k}": _finite(m) for k, m in self.stages.items()}
+        out: dict[str, Any] = {**self.flags, **named}
+        if self.anytime:
+            out["anytime"] = {"confidence": self.confidence, "curve": [_finite(r) for r in self.anytime]}
+        return out
+
+
+def _finite(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
+
+
+def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", spec: JointSpec, prepared: Path, *,
+                   device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5) -> EvalRun:
+    """Predict every stage of `model` (already on `device`) on split `e.split` of `prepared`,
+    evaluate each stage and the anytime sweep, and measure each stage's cost."""
+    gt_path = prepared / f"{e.split}_gt.json"
+    ds = PoseDataset(prepared, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
+    preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test, progress=progress)
+    options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
+                   oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
+    report = evaluate_report(preds, gt_path, spec, **options)
+    costs = stage_costs_table(model, d.image_size, repeats=latency_repeats)
+    stages = {k: {**m, **costs[k]} for k, m in report.metrics.items()}
+    curve: list[dict[str, Any]] = []
+    if len(preds.stages) > 1 and model.multi:
+        ground_truth = json.loads(gt_path.read_text())        # loaded once for the whole sweep
+        cfg = model.config()
+        curve = anytime_curve(
+            preds, e.anytime_thresholds, exit_costs(cfg["num_joints"], cfg["width"], cfg["n_stage"], tuple(d.image_size)),
+            lambda pr: evaluate_report(pr, gt_path, spec, ground_truth=ground_truth, **options).metrics,
+            kind=e.anytime_confidence)
+    flags = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test}
+    return EvalRun(ds, preds, report, stages, curve, flags, e.anytime_confidence)
+
+
+def write_evaluation(run: EvalRun, *, metrics: Path, results: Path, plots: Path, num_images: int,
+                     extra: Optional[dict[str, Any]] = None) -> None:
+    """COCO results per stage (results/), CSV tables and example pictures (plots/), then the
+    metrics JSON last: it exists only for a complete run. `extra`: more top-level JSON keys."""
+    with atomic_dir(results) as tmp:
+        for k, res in run.report.results.items():
+            write_json(tmp / f"predictions_stage{k}.json", res, indent=None)
+    with atomic_dir(plots) as tmp:
+        write_csv(tmp / "stages.csv", [{"stage": k, **m} for k, m in run.stages.items()])
+        write_csv(tmp / "per_joint.csv", per_joint_rows(run.report, run.dataset.spec))
+        if run.anytime:
+            write_csv(tmp / "anytime.csv", run.anytime)
+        for i, picture in enumerate(pose_examples(run.dataset, run.preds, run.report, num_images)):
+            write_png_palette(tmp / f"example_{i}.png", picture)   # palette: ~20 KB each
+    write_json(metrics, {**run.summary(), **(extra or {})})

@@ -1,0 +1,71 @@
+"""`okdpose evaluate --checkpoint FILE`: evaluate a checkpoint file as it is (ours, the official
+HRNet's or an original OKD-HRNet release) on the prepared data, without training and outside the
+pipeline, as the original's `tools/test.py` does.
+
+The file alone defines the model: joints, width, stages and heads are inferred from its keys
+(`okdpose.model.checkpoint.load_released`, which says what it inferred). The data and the
+evaluation options come from params.yaml (`data`, `evaluate`; `--split`, `--device` override),
+and the same code as the evaluate stage writes OUT/eval.json, OUT/results/ and OUT/plots/.
+Inside the pipeline, `model.checkpoint` does the same through pretrain-load (README, "Checking
+the paper's released models").
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from okdpose.data.coco import DataError, load_meta
+from okdpose.files import sha256_file
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True, type=Path, help="the .pth / .pt file to evaluate")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="data and evaluate settings")
+    ap.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="preprocess output")
+    ap.add_argument("--split", choices=("val", "test"), help="default: evaluate.split")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: evaluate.device")
+    ap.add_argument("--out", type=Path, help="output folder (default: results/checkpoints/<file stem>)")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from dataclasses import replace
+
+    from okdpose.device import resolve_device
+    from okdpose.eval_run import run_evaluation, write_evaluation
+    from okdpose.model import CheckpointError
+    from okdpose.model.checkpoint import load_released
+    from okdpose.params import ParamsError, params_for_checkpoint
+
+    try:
+        model, arch, _ = load_released(args.checkpoint)
+        print(f"{prog}: {args.checkpoint}: {arch.summary()}")
+        p = params_for_checkpoint(args.params, arch.config())
+        e = replace(p.evaluate, **{k: v for k, v in (("split", args.split), ("device", args.device)) if v})
+        meta = load_meta(args.prepared)
+        if model.num_joints != p.joint_spec.num_joints:
+            raise CheckpointError(f"{args.checkpoint} predicts {model.num_joints} joints, the prepared data "
+                                  f"({args.prepared}, data.joints {p.data.joints}) has {p.joint_spec.num_joints}; "
+                                  "evaluate it on data with its joints")
+        if list(meta["image_size"]) != list(p.data.image_size):
+            raise DataError(f"{args.prepared} holds {meta['image_size']} crops, {args.params} data.image_size is "
+                            f"{list(p.data.image_size)}; use the params the data was prepared with")
+        device = resolve_device(e.device, "--device")
+        run = run_evaluation(model.to(device), e, p.data, p.joint_spec, args.prepared, device=device,
+                             progress=sys.stderr.isatty())
+        out = args.out or Path("results/checkpoints") / args.checkpoint.stem
+        source = {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint), "model": model.config()}
+        write_evaluation(run, metrics=out / "eval.json", results=out / "results", plots=out / "plots",
+                         num_images=e.num_images, extra={"checkpoint": source})
+    except (ParamsError, DataError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    print(f"{prog}: " + ", ".join(f"stage{k} AP {m['AP']:.3f}" for k, m in run.stages.items())
+          + f" ({e.split}) -> {out}/eval.json")
+    return 0

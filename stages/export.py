@@ -1,0 +1,55 @@
+"""export: each stage of `export.stages` of models/model.pt as a standalone model (only what that
+stage needs, BN folded) in models/export/stage{k}.onnx and .pt with its DeployMeta inside (joints,
+sizes, normalisation, depth range, the stage's test AP from metrics/eval.json, commit / DVC
+experiment), each verified against PyTorch on `export.verify_samples` test crops (a mismatch
+fails the stage); metrics/export.json: per stage params, GFLOPs, file sizes, verification, and the
+latency of PyTorch / TorchScript / onnxruntime at `export.latency_batches` timed side by side with
+the teacher's, speed-up next to FLOP ratio; the numbers are logged into the training MLflow run
+(`mlflow_run_id` of metrics/train.json) when there is one."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from okdpose.data.coco import DataError
+from okdpose.data.dataset import PoseDataset
+from okdpose.deploy_meta import MetaError
+from okdpose.export import (ExportError, dataset_crops, export_report, export_stages, latency_lines, source_info,
+                            stage_meta, stage_test_ap)
+from okdpose.files import atomic_dir, write_json
+from okdpose.model import CheckpointError, load_model
+from okdpose.params import ParamsError, load_params
+from okdpose.tracking import log_to_pipeline_run
+
+MODEL, PREPARED, EVAL_METRICS = Path("models/model.pt"), Path("data/prepared"), Path("metrics/eval.json")
+OUT, METRICS, TRAIN_METRICS = Path("models/export"), Path("metrics/export.json"), Path("metrics/train.json")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = load_params()
+    e = p.export
+    stages = p.export_stages()
+    model, _ = load_model(MODEL, expect=p.model_config(), fix="train the model first (dvc repro train-okd)")
+    crops = dataset_crops(PoseDataset(PREPARED, "test", p.joint_spec, p.data.codec), e.verify_samples)
+    metas = {k: stage_meta(p, model, k, test_ap=stage_test_ap(EVAL_METRICS, k), source=source_info(MODEL))
+             for k in stages}
+    with atomic_dir(OUT) as tmp:        # all stages verified, or models/export stays as it was
+        exports = export_stages(model, metas, tmp, crops, formats=e.formats, opset=e.opset, tolerance=e.tolerance,
+                                max_near_ties=e.max_near_ties, threads=e.threads)
+        report = export_report(model, exports, crops, batches=e.latency_batches, repeats=e.latency_repeats,
+                               threads=e.threads, opset=e.opset, formats=e.formats)
+    metrics = {"threads": e.threads, "opset": e.opset, "verify_crops": crops.source, **report}
+    write_json(METRICS, metrics)
+    # the numbers only: the model files are DVC-cached (W32: ~0.1 GB per stage and format)
+    log_to_pipeline_run(p.tracking, TRAIN_METRICS, "export", metrics, artifacts={"export": METRICS})
+    print("\n".join(latency_lines(report)))
+    print(f"export: stages {list(stages)} as {list(e.formats)} -> {OUT}/, {METRICS}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ParamsError, DataError, CheckpointError, ExportError, MetaError, FileNotFoundError) as err:
+        sys.exit(f"export: {err}")

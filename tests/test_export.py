@@ -1,0 +1,335 @@
+"""okdpose.export, ExportParams and stages/export.py on tiny models (W4, 3 stages, 48x64 crops)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import runpy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from onnx import numpy_helper
+from torch import nn
+
+from okdpose.codec import HeatmapCodec
+from okdpose.data.dataset import PoseDataset
+from okdpose.deploy_meta import DeployMeta, MetaError
+from okdpose.export import (ExportError, Crops, compare, dataset_crops, export_report, export_stage, heatmaps,
+                            latency_ms, main, near_ties, onnx_bytes, onnx_runner, random_crops, read_meta,
+                            stage_model, stage_test_ap, torch_runner, torchscript_runner, write_onnx,
+                            write_torchscript)
+from okdpose.joints import BABYPOSE12
+from okdpose.model import MultiOutHRNet, save_checkpoint
+from okdpose.params import ParamsError, params_from_dict
+
+from conftest import TINY_IMAGE_SIZE
+
+ROOT = Path(__file__).resolve().parents[1]
+J, WIDTH, N_STAGE = BABYPOSE12.num_joints, 4, 3
+CODEC = HeatmapCodec(TINY_IMAGE_SIZE, (12, 16), 1.0)
+TINY = {"data": {"image_size": list(TINY_IMAGE_SIZE), "heatmap_size": [12, 16]},
+        "model": {"width": WIDTH, "n_stage": N_STAGE}, "loss": {"kld_couples": [[2, 3]]}}
+# measured on a 2-core AVX2 CPU (these models, 48x64 crops): |folded - whole model|, |onnxruntime -
+# PyTorch| and |TorchScript - PyTorch| <= 2e-6 x the heatmap scale; the default 1e-4 leaves ~50x
+TOL = 1e-4
+
+
+def trained_like(n_stage: int = N_STAGE, multi: bool = True, seed: int = 0) -> MultiOutHRNet:
+    """A tiny model with non-trivial BN statistics (folding changes every conv) and peaked heatmaps."""
+    torch.manual_seed(seed)
+    m = MultiOutHRNet(J, WIDTH, n_stage, multi)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight)
+        if isinstance(mod, nn.BatchNorm2d):
+            nn.init.uniform_(mod.weight, 0.5, 1.5)
+            nn.init.uniform_(mod.bias, -0.2, 0.2)
+            mod.momentum = None
+    with torch.no_grad():
+        m.train()(torch.randn(4, 3, 64, 48))
+    return m.eval()
+
+
+def meta_for(stage: int) -> DeployMeta:
+    p = params_from_dict(TINY)
+    return DeployMeta.from_params(p, stage=stage, test_ap=0.5, source={"commit": "abc"})
+
+
+@pytest.fixture(scope="module")
+def model() -> MultiOutHRNet:
+    return trained_like()
+
+
+@pytest.fixture(scope="module")
+def crops(tiny_prepared) -> Crops:
+    return dataset_crops(PoseDataset(tiny_prepared, "test", BABYPOSE12, CODEC), 8)
+
+
+@pytest.fixture(scope="module")
+def exported(model, crops, tmp_path_factory):
+    """Stage 2 of `model` exported in both formats (once for the module)."""
+    out = tmp_path_factory.mktemp("export")
+    return export_stage(model, 2, out, meta_for(2), crops, tolerance=TOL)
+
+
+# --------------------------------------------------------------------------- the standalone model
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_model_builds_only_its_stage_and_equals_the_whole_models_output(model, stage):
+    sm = stage_model(model, stage)
+    names = {n.split(".")[1] for n, _ in sm.named_modules() if n.count(".") >= 1}
+    assert not any(f"stage{k}" in names for k in range(stage + 1, 5))        # nothing after the stage
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in sm.modules()) and not sm.training
+    assert set(stage_model(model, stage, fold=False).state_dict()) <= {f"net.{k}" for k in model.state_dict()}
+    x = torch.randn(3, 3, 64, 48)
+    with torch.no_grad():
+        full, alone = model(x)[stage - 1], sm(x)
+    assert alone.shape == (3, J, 16, 12) and full.abs().max() > 0.1
+    torch.testing.assert_close(alone, full, rtol=0, atol=TOL * full.abs().max().item())
+    assert sm.stage == stage and sum(p.numel() for p in sm.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_stage_model_refuses_a_stage_the_model_does_not_output_or_lacks_weights_for(model, monkeypatch):
+    with pytest.raises(ExportError, match=r"stage 2 is not an output .*\[3\]"):
+        stage_model(trained_like(multi=False), 2)
+    with pytest.raises(ExportError, match="not an output"):
+        stage_model(model, 4)
+    broken = trained_like()
+    sd = broken.state_dict()
+    monkeypatch.setattr(broken, "state_dict", lambda: {k: v for k, v in sd.items() if k != "stage2.0.branches.1.0.conv1.weight"})
+    with pytest.raises(ExportError, match="stage2.0.branches.1.0.conv1.weight"):
+        stage_model(broken, 2)
+
+
+# --------------------------------------------------------------------------- files
+
+def test_exports_carry_their_metadata_and_agree_with_pytorch_at_any_batch_size(exported, crops):
+    files = exported.files
+    assert sorted(files) == ["onnx", "torchscript"] and [p.name for p in files.values()] == ["stage2.onnx", "stage2.pt"]
+    for path in files.values():
+        assert read_meta(path) == meta_for(2)
+    proto = onnx.load(str(files["onnx"]))
+    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["heatmaps"]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    ref = heatmaps(torch_runner(exported.model), crops)
+    for fmt, run in (("onnx", onnx_runner(files["onnx"])), ("torchscript", torchscript_runner(files["torchscript"]))):
+        v = exported.verify[fmt]
+        assert v["mismatches"] == 0 and v["rel_diff"] <= TOL and v["crops"] == len(crops) == 3
+        for b in (1, 3):                                              # the trace's batch was 2
+            got = heatmaps(run, crops, batch=b)
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, rtol=0, atol=TOL * np.abs(ref).max())
+    assert exported.verify["full_model"]["mismatches"] == 0
+
+
+def test_channels_last_inputs_and_outputs_as_predict_runs_them(exported, crops):
+    x = torch.from_numpy(crops.images).contiguous(memory_format=torch.channels_last)
+    ts = torchscript_runner(exported.files["torchscript"])
+    ref = heatmaps(torch_runner(exported.model, channels_last=False), crops)
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(x.numpy()), ref, rtol=0, atol=TOL * np.abs(ref).max())
+
+
+def test_read_meta_round_trip_and_names_the_file_when_there_is_none(tmp_path, model):
+    sm = stage_model(model, 1)
+    assert read_meta(write_onnx(sm, tmp_path / "s1.onnx", meta_for(1))) == meta_for(1)
+    assert read_meta(write_torchscript(sm, tmp_path / "s1.pt", meta_for(1))) == meta_for(1)
+    with pytest.raises(MetaError, match="nothere.onnx: not found"):
+        read_meta(tmp_path / "nothere.onnx")
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(onnx_bytes(sm, None, TINY_IMAGE_SIZE))
+    with pytest.raises(MetaError, match="bare.onnx: no 'okdpose' metadata"):
+        read_meta(bare)
+    ckpt = tmp_path / "model.pt"                                      # a training checkpoint, not an export
+    save_checkpoint(ckpt, model)
+    with pytest.raises(MetaError, match=r"model.pt: no okdpose.json .*--stage k"):
+        read_meta(ckpt)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    for name in ("junk.onnx", "junk.pt"):
+        with pytest.raises(MetaError, match=name):
+            read_meta(tmp_path / name)
+    (tmp_path / "m.tflite").write_bytes(b"")
+    with pytest.raises(MetaError, match="expected an exported .onnx or .pt"):
+        read_meta(tmp_path / "m.tflite")
+
+
+# --------------------------------------------------------------------------- verification
+
+def test_a_corrupted_onnx_file_or_another_model_fails_verification(exported, crops, tmp_path, model):
+    proto = onnx.load(str(exported.files["onnx"]))
+    init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))   # 1 % off one conv
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    ref = heatmaps(torch_runner(exported.model), crops)
+    with pytest.raises(ExportError, match="bad.onnx.*above the tolerance"):
+        compare(ref, heatmaps(onnx_runner(bad), crops), crops, tolerance=TOL, what=str(bad))
+    other = heatmaps(torch_runner(stage_model(trained_like(seed=1), 2)), crops)
+    with pytest.raises(ExportError, match="does not compute the model"):
+        compare(ref, other, crops, tolerance=TOL)
+    with pytest.raises(ExportError, match="shape"):
+        compare(ref, ref[:, :-1], crops, tolerance=TOL)
+
+
+def codec_crops(n: int) -> Crops:
+    return random_crops(n, CODEC)
+
+
+def test_decoded_points_agree_except_counted_near_ties():
+    ref = np.zeros((2, 3, 16, 12), np.float32)
+    ref[:, :, 5, 5], ref[:, :, 5, 4], ref[:, :, 4, 5] = 1.0, 0.5, 0.4   # clear peaks, clear refinement sides
+    ref[0, 0, 9, 9] = 1.0 - 1e-7                                       # a near-tie: runner-up within reach
+    got = ref.copy()
+    got[0, 0, 9, 9] += 2e-7                                            # ... which the export tips
+    r = compare(ref, got, codec_crops(2), tolerance=TOL, max_near_ties=0.2)
+    assert r["near_ties"] == 1 and r["differing_points"] == 1 and r["mismatches"] == 0 and r["points"] == 6
+    assert near_ties(ref, 4e-7).sum() == 1 and near_ties(ref, 0.0).sum() == 0
+    assert r["keypoint_check"] == "passed"
+    # too many ties: the keypoint check means little; said so (the heatmaps still agree)
+    assert compare(ref, got, codec_crops(2), tolerance=TOL, max_near_ties=0.1)["keypoint_check"] == "inconclusive"
+    # a clear point cannot decode elsewhere within the bound (its runner-up is > 2 max |diff| below):
+    # moving one needs a difference the tolerance refuses first
+    moved = ref.copy()
+    moved[1, 2, 5, 4] = 1.0 + 1e-5
+    with pytest.raises(ExportError, match="above the tolerance"):
+        compare(ref, moved, codec_crops(2), tolerance=TOL, max_near_ties=0.5)
+
+
+# --------------------------------------------------------------------------- cost
+
+def test_report_times_every_runtime_next_to_the_teacher(model, exported, crops):
+    r = export_report(model, [exported], crops, batches=(1, 2), repeats=1, threads=1)
+    assert set(r) == {"teacher", "stage2"} and r["teacher"]["stage"] == 3
+    s = r["stage2"]
+    assert set(s["latency_ms"]) == set(s["speedup"]) == {"pytorch", "onnxruntime", "torchscript"}
+    assert set(s["latency_ms"]["onnxruntime"]) == {"b1", "b2"} == set(r["teacher"]["latency_ms"]["pytorch"])
+    assert s["flop_ratio"] > 1 and s["gflops"] < r["teacher"]["gflops"] and s["params_M"] < r["teacher"]["params_M"]
+    assert s["file_MB"]["onnx"] > 0 and s["verify"] is exported.verify
+    json.dumps(r, allow_nan=False)
+    t = latency_ms({"a": {"x": lambda x: x}}, crops.images, (1, 4), repeats=2, warmup=0)
+    assert set(t["a"]["x"]) == {"b1", "b4"}
+
+
+# --------------------------------------------------------------------------- params
+
+@pytest.mark.parametrize("export, words", [
+    ({"stages": []}, ["export.stages", "distinct"]),
+    ({"stages": [2, 2]}, ["export.stages", "distinct"]),
+    ({"stages": [5]}, ["export.stages", "1..4"]),
+    ({"formats": ["tflite"]}, ["export.formats[0]", "onnx", "torchscript"]),
+    ({"formats": []}, ["export.formats"]),
+    ({"opset": 9}, ["export.opset", "11..20"]),
+    ({"tolerance": 0}, ["export.tolerance"]),
+    ({"max_near_ties": 2}, ["export.max_near_ties"]),
+    ({"latency_batches": [0]}, ["export.latency_batches"]),
+    ({"threads": 0}, ["export.threads"]),
+    ({"verify_samples": 0}, ["export.verify_samples"]),
+])
+def test_bad_export_params_name_the_key(export, words):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"export": export})
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_export_stages_must_be_outputs_of_the_trained_model():
+    assert params_from_dict({}).export_stages() == (3, 4)
+    with pytest.raises(ParamsError, match=r"stage 4 is not an output .*n_stage 3.*\[1, 2, 3\].*export.stages=\[3\]"):
+        params_from_dict(TINY).export_stages()                         # default [3, 4] on a 3-stage model
+    single = params_from_dict({"model": {"multi": False}, "loss": {"use_kld": False}, "export": {"stages": [3]}})
+    with pytest.raises(ParamsError, match=r"stage 3 .*multi false: outputs \[4\]"):
+        single.export_stages()
+
+
+def test_stage_test_ap_reads_eval_metrics(tmp_path):
+    f = tmp_path / "eval.json"
+    f.write_text(json.dumps({"stage2": {"AP": 0.25}, "stage3": {"AP": None}}))
+    assert stage_test_ap(f, 2) == 0.25 and stage_test_ap(f, 3) is None and stage_test_ap(tmp_path / "no.json", 2) is None
+
+
+# --------------------------------------------------------------------------- the stage and the command
+
+# random weights: stage 1's heatmaps have near-tied refinement neighbours (5 of 36 points measured)
+STAGE_PARAMS = {**TINY, "export": {"stages": [2, 3], "verify_samples": 4, "latency_batches": [1, 2],
+                                   "latency_repeats": 1, "max_near_ties": 0.5}}
+
+
+@pytest.fixture()
+def root(tmp_path, tiny_prepared, monkeypatch) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(STAGE_PARAMS))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepared").symlink_to(tiny_prepared)
+    save_checkpoint(tmp_path / "models" / "model.pt", trained_like())
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps({"stage2": {"AP": 0.3}, "stage3": {"AP": 0.4}}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-tiny")
+    return tmp_path
+
+
+class FakeRun:
+    def __init__(self, run_id):
+        self.id, self.metrics, self.artifacts = run_id, {}, []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append((str(path), artifact_path))
+
+
+class FakeTracker:
+    runs: list = []
+    enabled = True
+
+    @classmethod
+    def from_params(cls, params, root=None):
+        return cls()
+
+    @contextlib.contextmanager
+    def run(self, run_name=None, run_id=None, tags=None):
+        self.runs.append(FakeRun(run_id))
+        yield self.runs[-1]
+
+
+def test_stage_writes_verified_exports_and_metrics(root, capsys, monkeypatch):
+    monkeypatch.setattr("okdpose.tracking.Tracker", FakeTracker)
+    FakeTracker.runs = []
+    (root / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
+    runpy.run_path(str(ROOT / "stages" / "export.py"), run_name="__main__")
+    files = sorted(p.name for p in (root / "models" / "export").iterdir())
+    assert files == ["stage2.onnx", "stage2.pt", "stage3.onnx", "stage3.pt"]
+    meta = read_meta(root / "models" / "export" / "stage3.onnx")
+    assert meta.stage == 3 and meta.test_ap == 0.4 and meta.source["dvc_experiment"] == "exp-tiny"
+    assert meta.image_size == TINY_IMAGE_SIZE and meta.heatmap_size == (12, 16) and meta.n_stage_trained == 3
+    m = json.loads((root / "metrics" / "export.json").read_text())
+    assert set(m) >= {"threads", "opset", "teacher", "stage2", "stage3"} and m["teacher"]["stage"] == 3
+    assert m["stage2"]["verify"]["onnx"]["mismatches"] == 0 and m["stage3"]["flop_ratio"] == 1.0
+    assert "stage2" in capsys.readouterr().out
+    (run,) = FakeTracker.runs                                        # the numbers went into the training run
+    assert run.id == "abc123" and run.artifacts == [("metrics/export.json", "export")]
+    assert run.metrics["export.stage2.gflops"] == m["stage2"]["gflops"]
+    assert run.metrics["export.stage3.latency_ms.onnxruntime.b2"] == m["stage3"]["latency_ms"]["onnxruntime"]["b2"]
+
+
+def test_stage_errors_name_the_fix_and_leave_no_outputs(root):
+    (root / "params.yaml").write_text(yaml.safe_dump({**TINY, "export": {"stages": [4]}}))
+    with pytest.raises(SystemExit) as err:
+        runpy.run_path(str(ROOT / "stages" / "export.py"), run_name="__main__")
+    assert "export.stages" in str(err.value) and "stage 4" in str(err.value)
+    assert not (root / "models" / "export").exists() and not (root / "metrics" / "export.json").exists()
+
+
+def test_command_exports_one_stage_and_reports_user_errors(root, capsys):
+    assert main(["--stage", "1", "--formats", "onnx", "--out", "cli"], prog="okdpose export") == 0
+    assert [p.name for p in (root / "cli").iterdir()] == ["stage1.onnx"]
+    assert read_meta(root / "cli" / "stage1.onnx").stage == 1
+    assert "verified on" in capsys.readouterr().out
+    assert main(["--stage", "4", "--out", "cli"], prog="okdpose export") == 2
+    assert "stage 4 is not an output" in capsys.readouterr().err
+    assert main(["--model", "missing.pt", "--stage", "1"], prog="okdpose export") == 2
+    assert "missing.pt" in capsys.readouterr().err

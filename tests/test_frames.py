@@ -1,0 +1,173 @@
+"""Frame sources: 16-bit depth folders read as preprocess reads them, natural order, videos with their
+frame rate, and unreadable frames / truncated videos skipped or stopped at with their name."""
+from __future__ import annotations
+
+import logging
+import shutil
+import struct
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import DEPTH_RANGE
+from okdpose.data.coco import read_frame, to_uint8
+from okdpose.frames import FrameError, natural_key, open_source
+
+VIDEO_FPS = 10.0
+
+
+# --------------------------------------------------------------------------- builders (also used by test_predict)
+
+def depth_folder(tiny_raw: Path, dest: Path) -> Path:
+    """A folder of the built-in generator's 16-bit depth PNGs (every split's frames, 9 in all)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted((tiny_raw / "images").glob("*/*.png")):
+        shutil.copy(f, dest / f.name)
+    return dest
+
+
+def write_mp4(frames_dir: Path, path: Path, fps: float = VIDEO_FPS) -> Path:
+    """An mp4v video of a depth folder's frames (depth mapped to 8-bit grey as preprocess maps it)."""
+    files = sorted(frames_dir.glob("*.png"))
+    first = read_frame(files[0], DEPTH_RANGE)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (first.shape[1], first.shape[0]))
+    assert writer.isOpened()
+    for f in files:
+        writer.write(cv2.cvtColor(read_frame(f, DEPTH_RANGE)[..., 0], cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def _boxes(data: bytes | bytearray, start: int, end: int):
+    i = start
+    while i + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[i:i + 8])
+        if size < 8:
+            return
+        yield kind, i, size
+        i += size
+
+
+def faststart(data: bytes) -> bytes:
+    """The MP4 with its index ('moov') moved before the media data, as streaming writers and
+    `ffmpeg -movflags faststart` lay it out (chunk offsets shifted). OpenCV writes the index last,
+    so cutting its file loses the index; cutting a faststart file keeps it: a truncated video
+    that opens and declares more frames than it holds."""
+    top = {kind: (i, size) for kind, i, size in _boxes(data, 0, len(data))}
+    mi, ms = top[b"moov"]
+    moov = bytearray(data[mi:mi + ms])
+
+    def shift(start: int, end: int) -> None:
+        for kind, i, size in _boxes(moov, start, end):
+            if kind in (b"trak", b"mdia", b"minf", b"stbl"):
+                shift(i + 8, i + size)
+            elif kind == b"stco":
+                for k in range(struct.unpack(">I", moov[i + 12:i + 16])[0]):
+                    o = i + 16 + 4 * k
+                    moov[o:o + 4] = struct.pack(">I", struct.unpack(">I", moov[o:o + 4])[0] + ms)
+
+    shift(8, ms)
+    rest = data[:mi] + data[mi + ms:]
+    ftyp_end = top[b"ftyp"][1]
+    return rest[:ftyp_end] + bytes(moov) + rest[ftyp_end:]
+
+
+def truncated_mp4(video: Path, path: Path, keep: float = 0.5) -> Path:
+    data = faststart(video.read_bytes())
+    path.write_bytes(data[:int(len(data) * keep)])
+    return path
+
+
+def corrupt_png(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:200])        # a header and no image data
+    return path
+
+
+@pytest.fixture
+def folder(tiny_raw, tmp_path) -> Path:
+    return depth_folder(tiny_raw, tmp_path / "frames")
+
+
+@pytest.fixture
+def video(folder, tmp_path) -> Path:
+    return write_mp4(folder, tmp_path / "rec.mp4")
+
+
+# --------------------------------------------------------------------------- tests
+
+def test_natural_order():
+    names = ["f10.png", "f2.png", "F1.png", "f2b.png"]
+    assert sorted(names, key=natural_key) == ["F1.png", "f2.png", "f2b.png", "f10.png"]
+
+
+def test_depth_folder_reads_like_preprocess(folder):
+    src = open_source(folder, depth_range=DEPTH_RANGE)
+    frames = list(src)
+    files = sorted(folder.glob("*.png"), key=lambda f: natural_key(f.name))
+    assert src.kind == "folder" and src.count == len(files) == len(frames) == 9 and src.fps is None
+    assert [f.name for f in frames] == [f.name for f in files]
+    assert [f.index for f in frames] == list(range(9))
+    raw = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
+    assert raw.dtype == np.uint16
+    np.testing.assert_array_equal(frames[0].image, to_uint8(raw, DEPTH_RANGE))
+    assert frames[0].image.shape == (480, 640, 1) and frames[0].image.dtype == np.uint8
+
+
+def test_one_image(folder):
+    f = sorted(folder.glob("*.png"))[0]
+    frames = list(open_source(f, depth_range=DEPTH_RANGE))
+    assert len(frames) == 1 and frames[0].name == f.name
+
+
+def test_video_frames_and_fps(video):
+    src = open_source(video)
+    frames = list(src)
+    assert src.kind == "video" and src.fps == pytest.approx(VIDEO_FPS) and src.count == 9
+    assert len(frames) == 9 and not src.skipped
+    assert frames[3].name == "frame_000003" and frames[3].image.shape == (480, 640, 3)
+
+
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_corrupt_png_is_skipped_or_stops(folder, on_error, caplog):
+    bad = corrupt_png(sorted(folder.glob("*.png"), key=lambda f: natural_key(f.name))[4])
+    src = open_source(folder, depth_range=DEPTH_RANGE, on_error=on_error)
+    if on_error == "stop":
+        with pytest.raises(FrameError, match=rf"frame 4 .*{bad.name}.*corrupt or truncated.*--on-error skip"):
+            list(src)
+        return
+    with caplog.at_level(logging.WARNING, logger="okdpose.frames"):
+        frames = list(src)
+    assert len(frames) == 8 and bad.name not in [f.name for f in frames]
+    assert [(s.index, s.name) for s in src.skipped] == [(4, bad.name)]
+    assert bad.name in caplog.text
+    assert src.summary()["skipped"] == 1
+
+
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_truncated_video_is_reported_with_its_frame(video, tmp_path, on_error):
+    cut = truncated_mp4(video, tmp_path / "cut.mp4")
+    src = open_source(cut, on_error=on_error)
+    assert src.count == 9                            # the index survives and promises 9 frames
+    if on_error == "stop":
+        with pytest.raises(FrameError, match=r"cut.mp4: frame \d: the video ends after \d of the 9 frames"):
+            list(src)
+        return
+    frames = list(src)
+    assert 0 < len(frames) < 9
+    assert [s.index for s in src.skipped] == list(range(len(frames), 9))
+
+
+def test_sources_that_cannot_open(tmp_path, video):
+    with pytest.raises(FrameError, match="not found"):
+        open_source(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FrameError, match="no frames"):
+        open_source(tmp_path / "empty")
+    cut = tmp_path / "noindex.mp4"
+    cut.write_bytes(video.read_bytes()[: video.stat().st_size // 2])    # OpenCV's layout: the index is lost
+    with pytest.raises(FrameError, match="moov"):
+        open_source(cut)
+    with pytest.raises(ValueError, match="on_error"):
+        open_source(video, on_error="ignore")
