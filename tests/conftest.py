@@ -42,6 +42,22 @@ def tiny_prepared(tiny_raw, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def folder(tiny_raw, tmp_path) -> Path:
+    """The tiny test split as a folder of 16-bit depth PNGs (built by tests/test_frames.py)."""
+    from test_frames import depth_folder
+
+    return depth_folder(tiny_raw, tmp_path / "frames")
+
+
+@pytest.fixture
+def video(folder, tmp_path) -> Path:
+    """`folder` as an MP4 (8-bit grey frames)."""
+    from test_frames import write_mp4
+
+    return write_mp4(folder, tmp_path / "rec.mp4")
+
+
+@pytest.fixture
 def fake_launcher(monkeypatch):
     """Replaces the launcher subprocess of `okdpose.distributed` (outside any launcher's environment):
     `fake_launcher(code)` -> the list the commands it was started with are appended to."""

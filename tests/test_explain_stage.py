@@ -1,4 +1,3 @@
-import contextlib
 import logging
 import json
 import runpy
@@ -11,36 +10,13 @@ import yaml
 
 from okdpose.model import MultiOutHRNet, save_checkpoint
 
+from fakes import FakeTracker
+
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "explain.py"
 PARAMS = {"data": {"image_size": [48, 64], "heatmap_size": [12, 16]},       # the tiny prepared crops
           "model": {"width": 4, "n_stage": 3}, "loss": {"kld_couples": [[2, 3]]},
           "explain": {"num_images": 2, "layers": ["stage3.3.branches.2"], "methods": ["eigencam", "gradcam"],
                       "grid_images": 1}}
-
-
-class FakeRun:
-    def __init__(self, run_id):
-        self.id, self.metrics, self.artifacts = run_id, {}, []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append((str(path), artifact_path))
-
-
-class FakeTracker:
-    runs: list = []
-    enabled = True
-
-    @classmethod
-    def from_params(cls, params, root=None):
-        return cls()
-
-    @contextlib.contextmanager
-    def run(self, run_name=None, run_id=None, tags=None):
-        self.runs.append(FakeRun(run_id))
-        yield self.runs[-1]
 
 
 @pytest.fixture()

@@ -1,7 +1,6 @@
 """okdpose.export, ExportParams and stages/export.py on tiny models (W4, 3 stages, 48x64 crops)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import runpy
 from pathlib import Path
@@ -25,7 +24,9 @@ from okdpose.joints import BABYPOSE12
 from okdpose.model import MultiOutHRNet, save_checkpoint
 from okdpose.params import ParamsError, params_from_dict
 
+import fakes
 from conftest import TINY_IMAGE_SIZE
+from fakes import FakeTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 J, WIDTH, N_STAGE = BABYPOSE12.num_joints, 4, 3
@@ -39,18 +40,7 @@ TOL = 1e-4
 
 def trained_like(n_stage: int = N_STAGE, multi: bool = True, seed: int = 0) -> MultiOutHRNet:
     """A tiny model with non-trivial BN statistics (folding changes every conv) and peaked heatmaps."""
-    torch.manual_seed(seed)
-    m = MultiOutHRNet(J, WIDTH, n_stage, multi)
-    for mod in m.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight)
-        if isinstance(mod, nn.BatchNorm2d):
-            nn.init.uniform_(mod.weight, 0.5, 1.5)
-            nn.init.uniform_(mod.bias, -0.2, 0.2)
-            mod.momentum = None
-    with torch.no_grad():
-        m.train()(torch.randn(4, 3, 64, 48))
-    return m.eval()
+    return fakes.trained_like(n_stage, WIDTH, seed, multi=multi, num_joints=J, input_hw=(64, 48))
 
 
 def meta_for(stage: int) -> DeployMeta:
@@ -269,31 +259,6 @@ def root(tmp_path, tiny_prepared, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_EXP_NAME", "exp-tiny")
     return tmp_path
-
-
-class FakeRun:
-    def __init__(self, run_id):
-        self.id, self.metrics, self.artifacts = run_id, {}, []
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path, artifact_path=None):
-        self.artifacts.append((str(path), artifact_path))
-
-
-class FakeTracker:
-    runs: list = []
-    enabled = True
-
-    @classmethod
-    def from_params(cls, params, root=None):
-        return cls()
-
-    @contextlib.contextmanager
-    def run(self, run_name=None, run_id=None, tags=None):
-        self.runs.append(FakeRun(run_id))
-        yield self.runs[-1]
 
 
 def test_stage_writes_verified_exports_and_metrics(root, capsys, monkeypatch):

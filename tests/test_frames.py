@@ -85,14 +85,6 @@ def corrupt_png(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def folder(tiny_raw, tmp_path) -> Path:
-    return depth_folder(tiny_raw, tmp_path / "frames")
-
-
-@pytest.fixture
-def video(folder, tmp_path) -> Path:
-    return write_mp4(folder, tmp_path / "rec.mp4")
 
 
 # --------------------------------------------------------------------------- tests

@@ -4,26 +4,12 @@ import torch
 from torch import nn
 
 from okdpose.explain import eigencam
-from okdpose.model import MultiOutHRNet
 from okdpose.model import fuse as fuse_mod
 from okdpose.model.fuse import FoldError, conv_bn_pairs, fold_batchnorm, inference_copy
 
+from fakes import trained_like
 
-def trained_like(n_stage: int, width: int = 4, seed: int = 0) -> MultiOutHRNet:
-    """A tiny model whose BNs have non-trivial weights, biases and running statistics (so folding
-    changes every folded conv), in eval mode."""
-    torch.manual_seed(seed)
-    m = MultiOutHRNet(12, width, n_stage)
-    for mod in m.modules():
-        if isinstance(mod, nn.Conv2d):
-            nn.init.kaiming_normal_(mod.weight)
-        if isinstance(mod, nn.BatchNorm2d):
-            nn.init.uniform_(mod.weight, 0.5, 1.5)
-            nn.init.uniform_(mod.bias, -0.2, 0.2)
-            mod.momentum = None
-    with torch.no_grad():
-        m.train()(torch.randn(4, 3, 64, 64))
-    return m.eval()
+
 
 
 def state(model: nn.Module) -> dict[str, torch.Tensor]:

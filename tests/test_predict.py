@@ -37,7 +37,7 @@ from okdpose.predict import (
     refine_boxes,
 )
 from okdpose.runner import Runner, load_runner
-from test_frames import corrupt_png, depth_folder, truncated_mp4, write_mp4
+from test_frames import corrupt_png, truncated_mp4
 from test_runner import IMAGE_SIZE, write_tiny
 
 J = BABYPOSE12.num_joints
@@ -50,14 +50,6 @@ def tiny(tmp_path):
     return write_tiny(tmp_path / "model")
 
 
-@pytest.fixture
-def folder(tiny_raw, tmp_path) -> Path:
-    return depth_folder(tiny_raw, tmp_path / "frames")
-
-
-@pytest.fixture
-def video(folder, tmp_path) -> Path:
-    return write_mp4(folder, tmp_path / "rec.mp4")
 
 
 def run(args, capsys) -> tuple[int, str, str]:

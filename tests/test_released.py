@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from okdpose.model import MultiOutHRNet, save_checkpoint
-from okdpose.model.checkpoint import CheckpointError, infer_architecture, load_released
+from okdpose.model.checkpoint import CheckpointError
+from okdpose.model.released import infer_architecture, load_released
 from original_hrnet import MultiOutPoseHrnet, PoseHighResolutionNet, randomize
 
 J, WIDTH = 5, 4

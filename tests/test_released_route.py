@@ -21,6 +21,8 @@ PARAMS = {
     "loss": {"kld_couples": [[1, 2]]},
     "train": {"batch_size": 2},
     "evaluate": {"batch_size": 2, "num_images": 1, "anytime_thresholds": [0.5]},
+    "explain": {"num_images": 2},
+    "export": {"stages": [2], "formats": ["onnx"], "verify_samples": 2, "latency_repeats": 1},
     "tracking": {"enabled": False},
 }
 ENV = ("OKDPOSE_TRACKING", "MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE", "DVC_EXP_BASELINE_REV")
@@ -66,6 +68,11 @@ def test_model_checkpoint_is_evaluated_as_released_without_training(tmp_path, ti
     run("evaluate", tmp_path, monkeypatch)
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert {"stage1", "stage2", "anytime"} <= set(metrics)
+    run("explain", tmp_path, monkeypatch)                    # explain and export run on it unchanged
+    assert {"stage1", "stage2"} <= set(json.loads((tmp_path / "metrics" / "explain.json").read_text()))
+    run("export", tmp_path, monkeypatch)
+    exported = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    assert "stage2" in exported and (tmp_path / "models" / "export" / "stage2.onnx").is_file()
 
 
 def test_pretrained_and_checkpoint_together_are_refused():

@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose evaluate") -
     from okdpose.device import resolve_device
     from okdpose.eval_run import run_evaluation, write_evaluation
     from okdpose.model import CheckpointError
-    from okdpose.model.checkpoint import load_released
+    from okdpose.model.released import load_released
     from okdpose.params import ParamsError, params_for_checkpoint
 
     try:

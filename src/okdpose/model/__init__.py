@@ -1,11 +1,9 @@
 """Multi-output HRNet with official key names, its checkpoints and its cost."""
 from okdpose.model.checkpoint import (
-    Architecture,
     CheckpointError,
     LoadReport,
     load_model,
     load_pretrained,
-    load_released,
     save_checkpoint,
 )
 from okdpose.model.cost import (
@@ -17,6 +15,7 @@ from okdpose.model.cost import (
     stage_latencies_ms,
 )
 from okdpose.model.multi_out import MultiOutHRNet
+from okdpose.model.released import Architecture, load_released
 
 __all__ = [
     "Architecture",

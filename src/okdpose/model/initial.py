@@ -14,7 +14,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from okdpose.files import sha256_file
-from okdpose.model.checkpoint import load_pretrained, load_released
+from okdpose.model.checkpoint import load_pretrained
+from okdpose.model.released import load_released
 from okdpose.model.cost import count_params, forward_flops, stage_costs
 from okdpose.model.multi_out import MultiOutHRNet
 
