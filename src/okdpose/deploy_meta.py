@@ -5,13 +5,13 @@ Stored as JSON inside every exported file (ONNX `metadata_props["okdpose"]`, Tor
 file `okdpose.json`) and rebuilt from params.yaml for a `models/model.pt` stage, so `okdpose
 predict` treats every model the same way. Sizes are [w, h]; joints are 0-based.
 
-    meta = DeployMeta.from_params(p, stage=3, test_ap=0.41, source={"commit": "abc123"})
+    meta = DeployMeta.for_model(p, model, stage=3, test_ap=0.41, source={"commit": "abc123"})
     DeployMeta.from_json(meta.to_json()) == meta
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from okdpose.data.dataset import IMAGENET_MEAN, IMAGENET_STD
@@ -59,6 +59,17 @@ class DeployMeta:
                    mean=tuple(float(v) for v in IMAGENET_MEAN), std=tuple(float(v) for v in IMAGENET_STD),
                    depth_range=tuple(float(v) for v in d.depth_range), stage=int(stage), width=p.model.width,
                    n_stage_trained=p.model.n_stage, test_ap=test_ap, source=dict(source or {}))
+
+    @classmethod
+    def for_model(cls, p: "Params", model: Any, *, stage: int, test_ap: float | None = None,
+                  source: dict[str, Any] | None = None) -> "DeployMeta":
+        """`from_params` with the width and stage count of `model` (a MultiOutHRNet: the file, not
+        the params, defines it); MetaError when its joints are not the params' data.joints."""
+        if model.num_joints != p.joint_spec.num_joints:
+            raise MetaError(f"the model predicts {model.num_joints} joints, data.joints {p.data.joints!r} has "
+                            f"{p.joint_spec.num_joints}; use the params the model was trained with")
+        meta = cls.from_params(p, stage=stage, test_ap=test_ap, source=source)
+        return replace(meta, width=model.width, n_stage_trained=model.n_stage)
 
     @property
     def num_joints(self) -> int:

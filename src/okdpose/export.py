@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -480,11 +480,10 @@ def stage_meta(p: Any, model: MultiOutHRNet, stage: int, *, test_ap: float | Non
                source: Mapping[str, Any] | None = None) -> DeployMeta:
     """DeployMeta of `model`'s stage `stage` with the data section of params `p` (joints, sizes,
     normalisation, depth range); ExportError when the model and the params' joints differ."""
-    if model.num_joints != p.joint_spec.num_joints:
-        raise ExportError(f"the model has {model.num_joints} joints, data.joints {p.data.joints!r} has "
-                          f"{p.joint_spec.num_joints}; use the params the model was trained with")
-    meta = DeployMeta.from_params(p, stage=stage, test_ap=test_ap, source=dict(source or {}))
-    return replace(meta, width=model.width, n_stage_trained=model.n_stage)
+    try:
+        return DeployMeta.for_model(p, model, stage=stage, test_ap=test_ap, source=dict(source or {}))
+    except MetaError as e:
+        raise ExportError(str(e)) from None
 
 
 def export_stages(model: MultiOutHRNet, metas: Mapping[int, DeployMeta], out_dir: str | Path, crops: Crops,

@@ -241,8 +241,7 @@ def _checkpoint_runner(path: Path, stage: int | None, exit_threshold: float | No
     if any(v % (4 * 2 ** (k - 1)) for v in p.data.image_size):
         raise ModelError(f"{params_path}: data.image_size {list(p.data.image_size)} is not a multiple of "
                          f"{4 * 2 ** (k - 1)}, which a {k}-stage HRNet needs")
-    meta = DeployMeta.from_params(p, stage=k, source={"checkpoint": str(path)})
-    meta = dataclasses.replace(meta, width=cfg["width"], n_stage_trained=cfg["n_stage"])
+    meta = DeployMeta.for_model(p, full, stage=k, source={"checkpoint": str(path)})
     if exit_threshold is not None and (not cfg["multi"] or k < 2):
         raise ModelError(f"{path}: anytime early exit needs a multi-output model (model.multi: true) and at least two "
                          f"stages to choose from (--stage >= 2); this one has outputs {list(stages)}, --stage {k}")
