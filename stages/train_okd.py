@@ -44,10 +44,10 @@ def main() -> None:
     code = distributed.relaunch_if_needed(t.nproc_per_node, __file__)
     if code is not None:                 # the N processes ran the stage
         sys.exit(code)
-    model, _ = load_model(INIT, expect=p.model_config(), fix="run `dvc repro pretrain-load` (or `dvc repro`)")
+    model, init = load_model(INIT, expect=p.model_config(), fix="run `dvc repro pretrain-load` (or `dvc repro`)")
     val_set = PoseDataset(PREPARED, "val", p.joint_spec, p.data.codec)
     if p.model.checkpoint is not None:   # a trained checkpoint, evaluated as is: no training
-        return take_given_model(p, model, val_set)
+        return take_given_model(p, model, init.get("source", {}), val_set)
     train_set = PoseDataset(PREPARED, "train", p.joint_spec, p.data.codec, augment=p.data.augment, train=True)
     ctx = distributed.init_from_env(str(resolve_device(t.device)), timeout_s=t.dist_timeout_s)   # else a no-op
     if not ctx.is_main:
@@ -94,19 +94,18 @@ def main() -> None:
           f"{list(p.kd_stages())}) at epoch {summary['best']['epoch']}; wrote {BEST}, {LAST}, {METRICS}, {PLOTS}/")
 
 
-def take_given_model(p, model, val_set) -> None:
+def take_given_model(p, model, source, val_set) -> None:
     """model.checkpoint: validate once, write models/model.pt, metrics/train.json and plots/train/
     in the shapes training writes them (models/last.pt is left as it is)."""
     device = resolve_device(p.train.device)
     validate = make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec, batch_size=p.train.batch_size,
                               device=device)
     record = validate_given(model.to(device), validate, p.kd_stages())
-    _, init = load_model(INIT)
     tracker = Tracker.from_params(p.tracking)
     with tracker.run() as run:
         run.log_params(p.flat())
         run.set_tags({"checkpoint": p.model.checkpoint, "trained": "false"})
-        summary = {**given_summary(record, p.kd_stages(), init.get("source", {})), "mlflow_run_id": run.id}
+        summary = {**given_summary(record, p.kd_stages(), source), "mlflow_run_id": run.id}
         save_checkpoint(BEST, model.cpu(), epoch=0, val=named_stages(record["val"]), score=record["score"],
                         select_stages=list(p.kd_stages()), params=p.to_dict())
         for name, rows in curve_tables([record]).items():

@@ -69,12 +69,14 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
     preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test, progress=progress)
     options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
                    oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
-    report = evaluate_report(preds, gt_path, spec, **options)
+    if not gt_path.is_file():
+        raise FileNotFoundError(f"{gt_path}: ground truth not found; run the preprocess stage (dvc repro preprocess)")
+    ground_truth = json.loads(gt_path.read_text())            # read once: every stage and the whole sweep
+    report = evaluate_report(preds, gt_path, spec, ground_truth=ground_truth, **options)
     costs = stage_costs_table(model, d.image_size, repeats=latency_repeats)
     stages = {k: {**m, **costs[k]} for k, m in report.metrics.items()}
     curve: list[dict[str, Any]] = []
     if len(preds.stages) > 1 and model.multi:
-        ground_truth = json.loads(gt_path.read_text())        # loaded once for the whole sweep
         cfg = model.config()
         curve = anytime_curve(
             preds, e.anytime_thresholds, exit_costs(cfg["num_joints"], cfg["width"], cfg["n_stage"], tuple(d.image_size)),
