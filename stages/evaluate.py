@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from okdpose import energy
 from okdpose.data.coco import DataError
 from okdpose.device import describe, input_memory_format, resolve_device
 from okdpose.eval_run import run_evaluation, write_evaluation
@@ -29,13 +30,16 @@ def main() -> None:
     device = resolve_device(e.device, "evaluate.device")
     logging.info("evaluate: %s", describe(device, None, input_memory_format(device)))
     run = run_evaluation(model.to(device), e, p.data, p.joint_spec, PREPARED, device=device,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(), energy=p.energy)
     write_evaluation(run, metrics=METRICS, results=RESULTS, plots=PLOTS, num_images=e.num_images)
     summary = run.summary()
     named = {k: v for k, v in summary.items() if k.startswith("stage")}
-    log_to_pipeline_run(p.tracking, TRAIN_METRICS, "eval", {e.split: named},         # eval.{split}.stage{k}.{key}
+    spent = (run.energy or {}).get("inference") or {}
+    log_to_pipeline_run(p.tracking, TRAIN_METRICS, "eval", {e.split: named,         # eval.{split}.stage{k}.{key}
+                                                            **energy.metric_values(spent, "energy.inference")},
                         artifacts={"eval/metrics": METRICS, "eval/plots": PLOTS, "eval/results": RESULTS},
-                        tags={f"eval.{k}": v for k, v in run.flags.items()})
+                        tags={**{f"eval.{k}": v for k, v in run.flags.items()},
+                              **(energy.tags(spent, "eval.energy") if spent else {})})
     print("evaluate: " + ", ".join(f"{n} AP {m['AP']:.3f}" for n, m in named.items())
           + f" ({e.split}) -> {METRICS}, {RESULTS}/, {PLOTS}/")
 

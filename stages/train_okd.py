@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from okdpose import distributed
+import torch
+
+from okdpose import distributed, energy
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
 from okdpose.device import amp_dtype, memory_format, resolve_device
@@ -25,7 +28,7 @@ from okdpose.losses import OKDLoss
 from okdpose.model import CheckpointError, load_model, save_checkpoint
 from okdpose.params import ParamsError, load_params
 from okdpose.reports import curve_tables, epoch_metrics, final_metrics, named_stages, summarize
-from okdpose.tracking import Tracker
+from okdpose.tracking import Tracker, run_tags
 from okdpose.train import Trainer, TrainingDiverged, make_optimizer, make_scheduler, make_validator
 
 PREPARED, INIT = Path("data/prepared"), Path("models/init.pt")
@@ -60,7 +63,7 @@ def main() -> None:
     net = distributed.wrap(model, ctx, distributed.unused_outputs(p.output_stages(), set(loss_fn.trained_stages)))
     history: list[dict] = []
     tracker = Tracker.from_params(p.tracking) if ctx.is_main else Tracker(enabled=False)
-    with tracker.run() as run:
+    with tracker.run(tags=run_tags(p.tracking, t.seed)) as run:
         run.log_params(p.flat())
 
         def on_epoch(record: dict) -> None:      # curves every epoch, so a killed run keeps them
@@ -78,13 +81,15 @@ def main() -> None:
                           fingerprint=fingerprint(parts), fingerprint_parts=parts, best_extras={"params": p.to_dict()},
                           on_epoch=on_epoch if ctx.is_main else None,
                           sampler_factory=distributed.sampler_factory(train_set, ctx, t.seed))
-        result = trainer.fit()
+        with energy.measure_energy(p.energy if ctx.is_main else replace(p.energy, enabled=False), "train") as meter:
+            result = trainer.fit()
         if not ctx.is_main:
             return
         summary = {**summarize(result, p.kd_stages(), p.loss.kld_couples), "world_size": result.world_size,
-                   "mlflow_run_id": run.id}
+                   "threads": torch.get_num_threads(), "energy": meter.record, "mlflow_run_id": run.id}
         write_json(METRICS, summary)
-        run.log_metrics(final_metrics(summary))
+        run.log_metrics({**final_metrics(summary), **energy.metric_values(meter.record, "energy.train")})
+        run.set_tags(energy.tags(meter.record, "energy.train"))
         for path in (METRICS, *UPSTREAM):
             if path.is_file():
                 run.log_artifact(path, "metrics")
@@ -102,7 +107,7 @@ def take_given_model(p, model, source, val_set) -> None:
                               device=device)
     record = validate_given(model.to(device), validate, p.kd_stages())
     tracker = Tracker.from_params(p.tracking)
-    with tracker.run() as run:
+    with tracker.run(tags=run_tags(p.tracking, p.train.seed)) as run:
         run.log_params(p.flat())
         run.set_tags({"checkpoint": p.model.checkpoint, "trained": "false"})
         summary = {**given_summary(record, p.kd_stages(), source), "mlflow_run_id": run.id}

@@ -212,7 +212,7 @@ def test_dvc_yaml_train_okd_lists_what_the_stage_reads():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train-okd"]
     mod = runpy.run_path(str(STAGE))                  # not __main__: constants only
     listed = stage["params"]
-    assert [p.rstrip(".") for p in mod["PARAMS"]] + ["tracking"] == listed
+    assert [p.rstrip(".") for p in mod["PARAMS"]] + ["tracking", "energy"] == listed
     deps = set(stage["deps"])
     for path in ("stages/train_okd.py", "src/okdpose/train.py", "src/okdpose/losses.py", "src/okdpose/data",
                  "src/okdpose/codec.py", "src/okdpose/inference.py", "src/okdpose/metrics.py",

@@ -7,7 +7,8 @@ anytime (early-exit) curve, and the files that record them.
                      plots=Path("plots/eval"), num_images=p.evaluate.num_images)
 
 metrics/eval.json: {split, use_gt_bbox, flip_test, stage{k}: {AP, AR, ..., params_M, gflops,
-latency_ms}, anytime: {confidence, curve: [{threshold, AP, gflops, exit_stage{k}, ...}]}}; JSON
+latency_ms}, anytime: {confidence, curve: [{threshold, AP, gflops, exit_stage{k}, ...}]},
+energy: {inference: codecarbon record of the forward passes over the split, with kwh_per_image}}; JSON
 has no NaN or infinity: "no value" is null and τ = inf is "inf".
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from okdpose.anytime import anytime_curve, exit_costs
 from okdpose.data.dataset import PoseDataset
+from okdpose.energy import measure_energy
 from okdpose.evaluation import EvalReport, evaluate_report, per_joint_rows
 from okdpose.files import atomic_dir, write_csv, write_json
 from okdpose import inference
@@ -32,7 +34,7 @@ from okdpose.viz import pose_examples, write_png_palette
 if TYPE_CHECKING:
     import torch
 
-    from okdpose.params import DataParams, EvaluateParams
+    from okdpose.params import DataParams, EnergyParams, EvaluateParams
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EvalRun:
     anytime: list[dict[str, Any]]            # the τ sweep (`anytime.anytime_curve`); [] for one output
     flags: dict[str, Any]                    # split, use_gt_bbox, flip_test
     confidence: str
+    energy: Optional[dict[str, Any]] = None  # {"inference": record} (`okdpose.energy`)
 
     def summary(self) -> dict[str, Any]:
         """The metrics/eval.json document."""
@@ -53,6 +56,8 @@ class EvalRun:
         out: dict[str, Any] = {**self.flags, **named}
         if self.anytime:
             out["anytime"] = {"confidence": self.confidence, "curve": [_finite(r) for r in self.anytime]}
+        if self.energy:
+            out["energy"] = self.energy
         return out
 
 
@@ -61,12 +66,24 @@ def _finite(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", spec: JointSpec, prepared: Path, *,
-                   device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5) -> EvalRun:
+                   device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5,
+                   energy: "Optional[EnergyParams]" = None) -> EvalRun:
     """Predict every stage of `model` (already on `device`) on split `e.split` of `prepared`,
-    evaluate each stage and the anytime sweep, and measure each stage's cost."""
+    evaluate each stage and the anytime sweep, and measure each stage's cost; with `energy`,
+    the energy of the predictions (all stages: one forward of the whole model per crop)."""
     gt_path = prepared / f"{e.split}_gt.json"
     ds = PoseDataset(prepared, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
-    preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test, progress=progress)
+    record = None
+    if energy is not None:
+        with measure_energy(energy, "inference") as meter:
+            preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
+                                      progress=progress)
+        n = len(ds)
+        record = {**meter.record, "images": n, "batch_size": e.batch_size}
+        if meter.record.get("status") == "ok":
+            record.update(kwh_per_image=meter.per_item(n), g_co2eq_per_image=meter.per_item(n, "g_co2eq"))
+    else:
+        preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test, progress=progress)
     options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
                    oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
     if not gt_path.is_file():
@@ -83,7 +100,8 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
             lambda pr: evaluate_report(pr, gt_path, spec, ground_truth=ground_truth, **options).metrics,
             kind=e.anytime_confidence)
     flags = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test}
-    return EvalRun(ds, preds, report, stages, curve, flags, e.anytime_confidence)
+    return EvalRun(ds, preds, report, stages, curve, flags, e.anytime_confidence,
+                   energy={"inference": record} if record else None)
 
 
 def write_evaluation(run: EvalRun, *, metrics: Path, results: Path, plots: Path, num_images: int,

@@ -1,10 +1,18 @@
 """The original paper's experiment grid as queued DVC experiments, and its Table 1 from the results.
 
     okdpose grid list                      # rows and the -S overrides each one sets
-    okdpose grid queue [--rows ...] [-S train.epochs=4] [--start -j 1]
-    dvc queue start -j 1 && dvc queue status   # (what --start does) run the queue
-    okdpose grid watch -j 1                # restart workers DVC stopped early, until the queue is empty
-    okdpose grid table [--out results/grid]   # Table 1 layout: markdown + CSV
+    okdpose grid queue --seeds 3 [--rows ...] [-S train.epochs=4] [--start -j 2]
+    dvc queue start -j 2 && dvc queue status   # (what --start does) run the queue
+    okdpose grid watch -j 2                # restart workers DVC stopped early and collect finished runs
+    okdpose grid collect                   # finished experiments -> results/grid/runs/<row>-s<seed>/ (commit it)
+    okdpose grid table [--out results/grid]   # mean ± sd over seeds, paired intervals, energy, plot
+
+Each queued experiment is one (row, seed): `-n <row>-s<seed>`, `-S train.seed=<seed>` and
+`-S tracking.grid_row=<row>` (MLflow tags grid.row / grid.seed), run through `evaluate` only
+(explain and export are not what the grid compares). `collect` copies what a finished experiment
+produced (metrics, COCO results per stage) out of DVC into plain files under results/grid/runs/,
+so the grid survives the experiment refs (which a clone does not have) and a grid split over
+several sessions adds up; `table` reads only those files.
 
 (`python -m okdpose.grid ...` is the same command.)
 
@@ -24,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 METRICS_FILE = "metrics/eval.json"
 TABLE_METRICS = ("AP", "AR", "hmPCK50")   # the paper's columns (hmPCK50 = its PCK@0.5)
@@ -92,14 +100,23 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
 
 
-def queue_command(row: GridRow, prefix: str = "", extra: Sequence[str] = ()) -> list[str]:
-    """The `dvc exp run --queue` command line for one row (extra: more `key=value` overrides)."""
-    cmd = ["dvc", "exp", "run", "--queue", "-n", f"{prefix}{row.name}"]
-    for key, value in row.overrides().items():
+GRID_TARGET = "evaluate"      # the last stage a grid run needs
+
+
+def run_name(row: GridRow, seed: int, prefix: str = "") -> str:
+    return f"{prefix}{row.name}-s{seed}"
+
+
+def queue_command(row: GridRow, prefix: str = "", extra: Sequence[str] = (), seed: int = 0,
+                  target: Optional[str] = GRID_TARGET) -> list[str]:
+    """The `dvc exp run --queue` command line for one (row, seed) (extra: more `key=value` overrides)."""
+    cmd = ["dvc", "exp", "run", "--queue", "-n", run_name(row, seed, prefix)]
+    overrides = {**row.overrides(), "train.seed": seed, "tracking.grid_row": row.name}
+    for key, value in overrides.items():
         cmd += ["-S", f"{key}={_yaml_value(value)}"]
     for kv in extra:
         cmd += ["-S", kv]
-    return cmd
+    return cmd + ([target] if target else [])
 
 
 def select_rows(names: Iterable[str] | None) -> list[GridRow]:
@@ -200,22 +217,39 @@ def queue_counts(status: str) -> dict[str, int]:
     return counts
 
 
+def worker_env(threads: Optional[int]) -> Optional[dict[str, str]]:
+    """The environment `dvc queue start` passes on to its workers (and their stage commands):
+    `threads` intra-op threads per experiment (1 per worker with -j 2 uses 2 cores best)."""
+    if not threads:
+        return None
+    import os
+    n = str(threads)
+    return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+def start_queue(jobs: int, threads: Optional[int], run: Any = subprocess.run) -> None:
+    run(["dvc", "queue", "start", "-j", str(jobs)], check=True, env=worker_env(threads))
+
+
 def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sleep: Any = time.sleep,
-                log: Any = print) -> dict[str, int]:
+                log: Any = print, threads: Optional[int] = None, on_check: Any = None) -> dict[str, int]:
     """Keep `jobs` experiments running until nothing is queued: DVC's queue workers can stop while
     tasks are still queued (treeverse/dvc#10562), which left most of an overnight grid unrun. Every
     `interval` s, when fewer than `jobs` tasks run and some are queued, `dvc queue start -j jobs`
-    (DVC numbers its workers 1..jobs and starts only those not alive). -> the final counts."""
+    (DVC numbers its workers 1..jobs and starts only those not alive); `on_check()` runs at every
+    check (the grid collects its finished runs there). -> the final counts."""
     while True:
         status = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
         counts = queue_counts(status)
+        if on_check is not None:
+            on_check()
         running, queued = counts.get("Running", 0), counts.get("Queued", 0)
         if not running and not queued:
             log(f"grid watch: queue empty ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'no tasks'})")
             return counts
         if running < jobs and queued:
             log(f"grid watch: {running} running, {queued} queued: restarting workers (dvc queue start -j {jobs})")
-            run(["dvc", "queue", "start", "-j", str(jobs)], check=True)
+            start_queue(jobs, threads, run)
         sleep(interval)
 
 
@@ -223,24 +257,38 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="print the rows and their overrides")
-    q = sub.add_parser("queue", help="queue the rows as DVC experiments")
+    q = sub.add_parser("queue", help="queue rows x seeds as DVC experiments")
     q.add_argument("--rows", nargs="*", help="row names (default: all)")
+    q.add_argument("--seeds", type=int, default=1, help="seeds per row: train.seed = first .. first+N-1")
+    q.add_argument("--first-seed", type=int, default=0)
     q.add_argument("--prefix", default="", help="prefix for experiment names (to queue the grid twice)")
     q.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                    help="extra params override for every row, e.g. -S train.epochs=4")
+    q.add_argument("--all-stages", action="store_true",
+                   help=f"run the whole pipeline (default: up to {GRID_TARGET}; explain/export are not compared)")
+    q.add_argument("--skip-collected", type=Path, metavar="OUT", nargs="?", const=Path("results/grid"),
+                   help="do not queue (row, seed) runs already in OUT/runs (default results/grid)")
     q.add_argument("--start", action="store_true", help="start the queue after adding (dvc queue start)")
-    q.add_argument("-j", "--jobs", type=int, default=1, help="parallel workers for --start (2 cores: 1)")
+    q.add_argument("-j", "--jobs", type=int, default=2, help="parallel workers for --start")
+    q.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (0: torch's default)")
     q.add_argument("--watch", action="store_true",
                    help="with --start: stay until the queue is empty, restarting stopped workers (see watch)")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
     w = sub.add_parser("watch", help="keep -j experiments running until the queue is empty (DVC workers can "
-                                     "stop early, treeverse/dvc#10562)")
-    w.add_argument("-j", "--jobs", type=int, default=1)
+                                     "stop early, treeverse/dvc#10562), collecting finished runs")
+    w.add_argument("-j", "--jobs", type=int, default=2)
+    w.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (0: torch's default)")
     w.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
-    t = sub.add_parser("table", help="collect finished experiments into Table 1 (markdown + CSV)")
-    t.add_argument("--prefix", default="")
+    w.add_argument("--out", default="results/grid", type=Path)
+    c = sub.add_parser("collect", help="copy finished grid experiments into OUT/runs/ (plain files to commit)")
+    c.add_argument("--prefix", default="")
+    c.add_argument("--out", default="results/grid", type=Path)
+    t = sub.add_parser("table", help="collect, then the grid's table: mean ± sd over seeds, paired bootstrap "
+                                     "intervals, energy (markdown, CSV, PNG)")
     t.add_argument("--out", default="results/grid", type=Path)
-    t.add_argument("--show-json", type=Path, help="read `dvc exp show --json` output from a file instead")
+    t.add_argument("--no-collect", action="store_true", help="only the files already in OUT/runs")
+    t.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates")
+    t.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
     args = ap.parse_args(argv)
 
     if args.cmd == "list":
@@ -249,30 +297,47 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
                                                 for k, v in row.overrides().items()))   # pasteable in a shell
         return 0
     if args.cmd == "queue":
-        for row in select_rows(args.rows):
-            cmd = queue_command(row, args.prefix, args.set_param)
-            print(" ".join(cmd[:5] + [f"'{c}'" if c.startswith("loss.kld") else c for c in cmd[5:]]))
-            if not args.dry_run:
-                subprocess.run(cmd, check=True)
+        if args.seeds < 1:
+            raise SystemExit("--seeds must be >= 1")
+        done = set()
+        if args.skip_collected:
+            done = {p.name for p in (args.skip_collected / "runs").glob("*") if (p / "meta.json").is_file()}
+        target = None if args.all_stages else GRID_TARGET
+        for seed in range(args.first_seed, args.first_seed + args.seeds):   # seed-major: every row gets seed 0 first
+            for row in select_rows(args.rows):
+                if run_name(row, seed, args.prefix) in done:
+                    continue
+                cmd = queue_command(row, args.prefix, args.set_param, seed=seed, target=target)
+                print(" ".join(shlex.quote(c) for c in cmd))
+                if not args.dry_run:
+                    subprocess.run(cmd, check=True)
         if args.start and not args.dry_run:
-            subprocess.run(["dvc", "queue", "start", "-j", str(args.jobs)], check=True)
+            start_queue(args.jobs, args.threads)
             if args.watch:
-                watch_queue(args.jobs)
+                _watch(args.jobs, args.threads, 60.0, Path("results/grid"))
         return 0
     if args.cmd == "watch":
-        watch_queue(args.jobs, args.interval)
+        _watch(args.jobs, args.threads, args.interval, args.out)
         return 0
-    show = json.loads(args.show_json.read_text() if args.show_json else
-                      subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], check=True,
-                                     capture_output=True, text=True).stdout)   # also grids run from older commits
-    records = table_rows(experiments_from_show(show), args.prefix)
-    if not any(r["ran"] for r in records):
-        print(f"no finished grid experiments{' with prefix ' + args.prefix if args.prefix else ''} found in `dvc exp show`", file=sys.stderr)
-        return 1
-    md, csv_path = write_table(records, args.out)
-    print(md.read_text())
-    print(f"wrote {md} and {csv_path}")
+    from okdpose.grid_runs import collect
+
+    if args.cmd == "collect":
+        written = collect(Path("."), args.out, args.prefix)
+        print(f"grid collect: {len(written)} new run(s) in {args.out / 'runs'}")
+        return 0
+    if not args.no_collect:
+        collect(Path("."), args.out)
+    from okdpose.grid_stats import summarize_grid
+
+    summarize_grid(args.out, args.out, replicates=args.replicates, seed=args.seed)
     return 0
+
+
+def _watch(jobs: int, threads: Optional[int], interval: float, out: Path) -> None:
+    from okdpose.grid_runs import collect
+
+    watch_queue(jobs, interval, threads=threads, on_check=lambda: collect(Path("."), out))
+    collect(Path("."), out)
 
 
 if __name__ == "__main__":

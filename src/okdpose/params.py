@@ -340,8 +340,33 @@ class ExportParams:
 
 @dataclass(frozen=True)
 class TrackingParams:
+    """MLflow (`okdpose.tracking`): the experiment, the run's name and the grid tags."""
+
     enabled: bool = True
     experiment: str = "okdpose"
+    run_name: Optional[str] = None       # null: the DVC experiment's name, else the git commit (short, "+dirty")
+    grid_row: Optional[str] = None       # set by `okdpose grid queue`: the row, tagged with the seed for grouping
+
+
+ENERGY_PATTERN = r"^[A-Z]{3}$"
+
+
+@dataclass(frozen=True)
+class EnergyParams:
+    """codecarbon energy / emissions of train-okd and evaluate (`okdpose.energy`), offline."""
+
+    enabled: bool = True
+    country: str = "ITA"                 # ISO 3166 alpha-3 code whose grid carbon intensity is used
+    measure_power_secs: float = 10.0     # codecarbon's sampling interval
+
+    def validate(self, where: str) -> None:
+        import re
+
+        if not re.match(ENERGY_PATTERN, self.country):
+            raise ParamsError(f"{where}.country must be an ISO 3166 alpha-3 code in capitals (e.g. ITA, FRA, USA), "
+                              f"got {self.country!r}")
+        if not 0.5 <= self.measure_power_secs <= 600:
+            raise ParamsError(f"{where}.measure_power_secs must be in 0.5..600 s, got {self.measure_power_secs}")
 
 
 @dataclass(frozen=True)
@@ -354,6 +379,7 @@ class Params:
     explain: ExplainParams = field(default_factory=ExplainParams)
     export: ExportParams = field(default_factory=ExportParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    energy: EnergyParams = field(default_factory=EnergyParams)
 
     def validate(self) -> "Params":
         for f in dataclasses.fields(self):

@@ -45,6 +45,8 @@ _METRICS_PER_BATCH = 1000
 _TRUNCATED = "...[truncated]"
 
 TAG_COMMIT = "mlflow.source.git.commit"
+# MLflow 3's UI opens an experiment by its kind; untagged ones land on the GenAI overview
+TAG_KIND, KIND_MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 # --------------------------------------------------------------------------- helpers (no mlflow)
@@ -72,6 +74,26 @@ def default_tags(root: Path) -> dict[str, str]:
     tags = {TAG_COMMIT: git_commit(root), "dvc.exp_name": os.environ.get("DVC_EXP_NAME"),
             "dvc.stage": os.environ.get("DVC_STAGE")}
     return {k: v for k, v in tags.items() if v}
+
+
+def default_run_name(root: Path) -> Optional[str]:
+    """`DVC_EXP_NAME` under `dvc exp run`, else the short commit, "+dirty" when the work tree
+    has uncommitted changes (a plain `dvc repro`); None outside git."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return os.environ["DVC_EXP_NAME"]
+    commit = git_commit(root)
+    if not commit:
+        return None
+    dirty = _git("status", "--porcelain", "--untracked-files=no", cwd=root)
+    return commit[:8] + ("+dirty" if dirty else "")
+
+
+def run_tags(params: "TrackingParams", seed: Optional[int] = None) -> dict[str, str]:
+    """The tags a pipeline run carries from its params: the seed, and a grid run's row."""
+    tags = {} if seed is None else {"seed": str(seed)}
+    if params.grid_row:
+        tags.update({"grid.row": params.grid_row, "grid.seed": str(seed)})
+    return tags
 
 
 def sanitize_key(key: str) -> str:
@@ -202,7 +224,11 @@ class Tracker:
 
     @classmethod
     def from_params(cls, params: "TrackingParams", root: str | Path | None = None) -> "Tracker":
-        return cls(enabled=params.enabled, experiment=params.experiment, root=root)
+        tracker = cls(enabled=params.enabled, experiment=params.experiment, root=root)
+        tracker.default_name = params.run_name
+        return tracker
+
+    default_name: Optional[str] = None      # tracking.run_name
 
     @property
     def root(self) -> Path:
@@ -215,7 +241,8 @@ class Tracker:
     @contextlib.contextmanager
     def run(self, run_name: Optional[str] = None, run_id: Optional[str] = None,
             tags: Optional[Mapping[str, Any]] = None) -> Iterator[Run]:
-        """A new run (named `run_name`, default `DVC_EXP_NAME`), or the run `run_id` resumed.
+        """A new run (named `run_name`, default tracking.run_name, else `default_run_name`), or
+        the run `run_id` resumed.
 
         Yields a no-op `Run` when tracking is off or the store cannot be used (with a warning).
         The run ends FINISHED, or FAILED / KILLED when the body raises (the exception propagates).
@@ -261,7 +288,8 @@ class Tracker:
                 return run
         experiment_id = self._experiment_id(client, root)
         all_tags = {**default_tags(root), **({"dvc.stages": stage} if stage else {}), **tags}
-        created = client.create_run(experiment_id, run_name=run_name or os.environ.get("DVC_EXP_NAME") or None,
+        name = run_name or self.default_name or default_run_name(root)
+        created = client.create_run(experiment_id, run_name=name or None,
                                     tags={str(k): _truncate(str(v), MAX_TAG_VALUE) for k, v in all_tags.items()})
         return _MlflowRun(client, created.info.run_id, {})
 
@@ -270,12 +298,15 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 client.restore_experiment(exp.experiment_id)
+            if TAG_KIND not in (exp.tags or {}):      # stores made before the tag existed
+                client.set_experiment_tag(exp.experiment_id, TAG_KIND, KIND_MODEL_TRAINING)
             return exp.experiment_id
         # an explicit artifact location: the default is relative to the cwd, which is a
         # temporary folder under `dvc exp run --temp`
         location = None if os.environ.get("MLFLOW_TRACKING_URI") else (root / "mlruns").as_uri()
         try:
-            return client.create_experiment(self.experiment, artifact_location=location)
+            return client.create_experiment(self.experiment, artifact_location=location,
+                                            tags={TAG_KIND: KIND_MODEL_TRAINING})
         except Exception:  # noqa: BLE001 - created meanwhile by a parallel queued run
             exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
