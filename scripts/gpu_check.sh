@@ -3,8 +3,8 @@
 # 192x256, batch 32, KL 3<-4, channels-last) through the Trainer, on built-in synthetic data
 # generated into a temporary folder: one short epoch (loss couples, unused heads under DDP's
 # find_unused_parameters, fused Adam, one validation), then a second fit that resumes the finished
-# run from last.pt. Twice: as the preset says (fp32), then with train.amp true (the AMP choice:
-# bf16 with bf16 tensor cores, else fp16 + GradScaler). Prints the resolved device and precision,
+# run from last.pt. Three times, one per train.precision: fp32 (the preset's), bf16, and auto
+# (bf16 with bf16 tensor cores, else fp16 + GradScaler). Prints the resolved device and precision,
 # img/s and peak GPU memory; exits 1 on a non-finite loss or score. Downloads nothing.
 #
 #   scripts/gpu_check.sh [steps=10] [extra okdpose.gpu_check args, e.g. --set train.batch_size=16]
@@ -16,6 +16,6 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 STEPS="${1:-10}"
 shift || true
-for amp in false true; do
-    "$PY" -m okdpose.gpu_check --device cuda --steps "$STEPS" --set "train.amp=$amp" "$@"
+for precision in fp32 bf16 auto; do
+    "$PY" -m okdpose.gpu_check --device cuda --steps "$STEPS" --set "train.precision=$precision" "$@"
 done

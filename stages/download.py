@@ -3,6 +3,8 @@ layout (built-in synthetic frames, a local folder, an archive, or an http(s) URL
 The folder is built beside the target and renamed into place only once it validates."""
 from __future__ import annotations
 
+import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
+
 import os
 import sys
 import time

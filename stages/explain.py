@@ -4,8 +4,10 @@ forward pass), and each of `explain.methods` with keypoint targets. Writes plots
 (crop, ground truth, per-stage skeleton and EigenCAM overlays), <image>_stage<k>.png (joints x
 methods, first `explain.grid_images` images, joint-targeted methods only), plots/explain_scores/
 stages.csv (scores per stage and method), results/explain/<image>.npz (raw maps) and scores.json (per-image scores),
-metrics/explain.json (means per stage and method) and logs them into the training MLflow run."""
+reports/explain.json (means per stage and method) and logs them into the training MLflow run."""
 from __future__ import annotations
+
+import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
 
 import logging
 import sys
@@ -27,7 +29,7 @@ from okdpose.tracking import log_to_pipeline_run
 from okdpose.viz import explain_picture, joint_method_grid, write_png_palette
 
 PREPARED, MODEL, TRAIN_METRICS = Path("data/prepared"), Path("models/model.pt"), Path("metrics/train.json")
-RESULTS, PLOTS, METRICS = Path("results/explain"), Path("plots/explain"), Path("metrics/explain.json")
+RESULTS, PLOTS, REPORT = Path("results/explain"), Path("plots/explain"), Path("reports/explain.json")
 SCORES = Path("plots/explain_scores")     # the score table, drawn by dvc.yaml's top-level plots
 
 
@@ -68,11 +70,11 @@ def main() -> None:
         write_csv(tmp / "stages.csv", stage_table(summary))
     metrics = {"split": e.split, "pointing_radius": e.pointing_radius, "sign": e.sign,
                "target_peak": e.target_peak, **summary}
-    write_json(METRICS, metrics)
+    write_json(REPORT, metrics)
     log_to_pipeline_run(p.tracking, TRAIN_METRICS, "explain", metrics,
-                        artifacts=[("explain", PLOTS), ("explain", SCORES), ("explain", METRICS)])
+                        artifacts=[("explain", PLOTS), ("explain", SCORES), ("explain", REPORT)])
     print(f"explain: {len(rows)} {e.split} images x {len(targets)} EigenCAM layers, methods "
-          f"{', '.join(e.methods)} -> {PLOTS}/, {RESULTS}/, {METRICS}")
+          f"{', '.join(e.methods)} -> {PLOTS}/, {RESULTS}/, {REPORT}")
 
 
 if __name__ == "__main__":

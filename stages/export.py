@@ -2,11 +2,13 @@
 stage needs, BN folded) in models/export/stage{k}.onnx and .pt with its DeployMeta inside (joints,
 sizes, normalisation, depth range, the stage's test AP from metrics/eval.json, commit / DVC
 experiment), each verified against PyTorch on `export.verify_samples` test crops (a mismatch
-fails the stage); metrics/export.json: per stage params, GFLOPs, file sizes, verification, and the
+fails the stage); reports/export.json: per stage params, GFLOPs, file sizes, verification, and the
 latency of PyTorch / TorchScript / onnxruntime at `export.latency_batches` timed side by side with
 the teacher's, speed-up next to FLOP ratio; the numbers are logged into the training MLflow run
 (`mlflow_run_id` of metrics/train.json) when there is one."""
 from __future__ import annotations
+
+import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
 
 import logging
 import sys
@@ -23,7 +25,7 @@ from okdpose.params import ParamsError, load_params
 from okdpose.tracking import log_to_pipeline_run
 
 MODEL, PREPARED, EVAL_METRICS = Path("models/model.pt"), Path("data/prepared"), Path("metrics/eval.json")
-OUT, METRICS, TRAIN_METRICS = Path("models/export"), Path("metrics/export.json"), Path("metrics/train.json")
+OUT, REPORT, TRAIN_METRICS = Path("models/export"), Path("reports/export.json"), Path("metrics/train.json")
 
 
 def main() -> None:
@@ -41,11 +43,11 @@ def main() -> None:
         report = export_report(model, exports, crops, batches=e.latency_batches, repeats=e.latency_repeats,
                                threads=e.threads, opset=e.opset, formats=e.formats)
     metrics = {"threads": e.threads, "opset": e.opset, "verify_crops": crops.source, **report}
-    write_json(METRICS, metrics)
+    write_json(REPORT, metrics)
     # the numbers only: the model files are DVC-cached (W32: ~0.1 GB per stage and format)
-    log_to_pipeline_run(p.tracking, TRAIN_METRICS, "export", metrics, artifacts={"export": METRICS})
+    log_to_pipeline_run(p.tracking, TRAIN_METRICS, "export", metrics, artifacts={"export": REPORT})
     print("\n".join(latency_lines(report)))
-    print(f"export: stages {list(stages)} as {list(e.formats)} -> {OUT}/, {METRICS}")
+    print(f"export: stages {list(stages)} as {list(e.formats)} -> {OUT}/, {REPORT}")
 
 
 if __name__ == "__main__":

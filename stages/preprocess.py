@@ -1,7 +1,9 @@
 """preprocess: validate data/raw/<data.name>/ and write data/prepared/ (records, cleaned COCO
-ground truth, cached crops), metrics/data.json (counts, visibility, box statistics, skipped
+ground truth, cached crops), reports/data.json (counts, visibility, box statistics, skipped
 records) and plots/data/*.png (frames and crops with the ground-truth skeleton)."""
 from __future__ import annotations
+
+import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
 
 import sys
 import time
@@ -14,7 +16,7 @@ from okdpose.params import ParamsError, load_params
 from okdpose.viz import write_png
 
 RAW, PREPARED = Path("data/raw"), Path("data/prepared")
-METRICS, PLOTS = Path("metrics/data.json"), Path("plots/data")
+REPORT, PLOTS = Path("reports/data.json"), Path("plots/data")
 
 
 def main() -> None:
@@ -26,10 +28,10 @@ def main() -> None:
         for split in report["splits"]:
             write_png(plots / f"{split}_frames.png", preview(PREPARED, split, d.joint_spec, num=6))
             write_png(plots / f"{split}_crops.png", preview(PREPARED, split, d.joint_spec, num=16, crops=True))
-    write_json(METRICS, report)                # last: the report exists only for a complete run
+    write_json(REPORT, report)                # last: the report exists only for a complete run
     t = report["total"]
     print(f"preprocess: {t['records_gt']} records ({t['skipped_invalid']} invalid skipped) -> {PREPARED}, "
-          f"{METRICS}, {PLOTS}/ in {time.perf_counter() - start:.1f} s")
+          f"{REPORT}, {PLOTS}/ in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """pretrain-load: build the configured MultiOutHRNet, load `model.pretrained` when set, and write
-models/init.pt (okdpose checkpoint) and metrics/pretrain.json (source, sha256, key counts, and
+models/init.pt (okdpose checkpoint) and reports/pretrain.json (source, sha256, key counts, and
 params + forward FLOPs per stage output at data.image_size)."""
 from __future__ import annotations
+
+import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
 
 import logging
 import sys
@@ -14,7 +16,7 @@ from okdpose.params import ParamsError, load_params
 from okdpose.seeding import seed_everything
 
 PRETRAINED_DIR = Path("pretrained")          # the stage's DVC dependency
-INIT, METRICS = Path("models/init.pt"), Path("metrics/pretrain.json")
+INIT, REPORT = Path("models/init.pt"), Path("reports/pretrain.json")
 
 
 def main() -> None:
@@ -37,9 +39,9 @@ def main() -> None:
             logging.warning("%s: heads %s still hold their initial values (never trained): their stages' AP "
                             "means nothing", path, arch["untrained_heads"])
     save_checkpoint(INIT, model, source=info["source"], load_report=info["load_report"])
-    write_json(METRICS, {"source": info["source"], "keys": info["keys"], "model": model.config(),
+    write_json(REPORT, {"source": info["source"], "keys": info["keys"], "model": model.config(),
                          **model_costs(p.model_config(), p.data.image_size)})
-    print(f"pretrain-load: wrote {INIT} and {METRICS}")
+    print(f"pretrain-load: wrote {INIT} and {REPORT}")
 
 
 if __name__ == "__main__":

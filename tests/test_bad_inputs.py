@@ -619,10 +619,10 @@ def _stage_pretrain_not_a_state_dict(root: Path, tiny_raw: Path) -> tuple[str, d
 
 STAGE_CASES = {  # id: (set up root -> (stage, params), words, outputs that must not exist)
     "preprocess_fails_midway": (_stage_preprocess_midway, ["preprocess: ", "000000030002.png", "cannot be decoded"],
-                                ["data/prepared", "metrics/data.json", "plots/data"]),
+                                ["data/prepared", "reports/data.json", "plots/data"]),
     "download_zip_slip": (_stage_download_zip_slip, ["download: ", "refusing member"], ["data/raw/babypose"]),
     "pretrain_load_not_a_state_dict": (_stage_pretrain_not_a_state_dict, ["pretrain-load: ", "pose.pth", "holds a list"],
-                                       ["models/init.pt", "metrics/pretrain.json"]),
+                                       ["models/init.pt", "reports/pretrain.json"]),
 }
 
 
@@ -644,7 +644,7 @@ def test_failed_stage_leaves_no_outputs(case, tiny_raw, tmp_path, monkeypatch):
 def test_preprocess_stage_with_skip_invalid_skips_and_counts(tiny_raw, tmp_path, monkeypatch):
     stage, params = _stage_preprocess_midway(tmp_path, tiny_raw)
     _run_stage(stage, tmp_path, monkeypatch, {"data": {"skip_invalid": True}})
-    report = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
     assert report["splits"]["test"]["skipped"]["invalid_images"] == 1 and report["total"]["skipped_invalid"] == 1
     assert report["splits"]["test"]["records_gt"] == 2 and (tmp_path / "data" / "prepared" / "meta.json").is_file()
     assert len(listing(tmp_path / "plots" / "data")) == 6

@@ -34,17 +34,25 @@ def test_a_subcommand_gets_its_arguments_and_its_name(capsys):
 
 
 def test_grid_table_through_the_cli(tmp_path, capsys):
-    rev = {"rev": "abc", "name": "HRNet2", "error": None,
-           "data": {"metrics": {"metrics/eval.json": {"data": {"stage2": {"AP": 0.5, "AR": 0.6, "hmPCK50": 0.7}}}},
-                    "params": {"params.yaml": {"data": {}}}}}
-    show = tmp_path / "show.json"
-    show.write_text(json.dumps([{"rev": "base", "experiments": [{"revs": [rev], "executor": None}]}]))
-    assert cli.main(["grid", "table", "--show-json", str(show), "--out", str(tmp_path / "grid")]) == 0
-    assert "| HRNet2 | 2 | - | - | 1 | 50.00 | 60.00 | 70.00 |" in capsys.readouterr().out
-    with open(tmp_path / "grid" / "table1.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert rows[0]["row"] == "HRNet2" and rows[0]["AP"] == "50.0" and rows[0]["paper_AP"] == "67.73"
-    assert rows[1]["row"] == "HRNet3" and rows[1]["AP"] == ""          # not run: an empty cell
+    from test_grid_stats import make_gt, make_run, noisy, stages_of, write_gt
+
+    out = tmp_path / "grid"
+    assert cli.main(["grid", "table", "--no-collect", "--out", str(out)]) == 1      # nothing collected yet
+    assert "okdpose grid queue --seeds 3" in capsys.readouterr().err
+    gt = make_gt()
+    write_gt(out, gt)
+    for seed in (0, 1):
+        make_run(out, gt, "HRNet2", seed, stages_of("HRNet2", noisy(gt, 6.0, seed)))
+        make_run(out, gt, "HRNet3-OKD", seed, stages_of("HRNet3-OKD", noisy(gt, 2.0, 10 + seed)))
+    assert cli.main(["grid", "table", "--no-collect", "--out", str(out), "--replicates", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "HRNet3-OKD" in printed and "HRNet2" in printed
+    with open(out / "comparisons.csv", newline="") as f:
+        rows = {r["label"]: r for r in csv.DictReader(f)}
+    student = rows["HRNet3-OKD s2 vs HRNet2 s2"]
+    assert student["n_a"] == student["n_b"] == "2" and float(student["diff"]) > 0
+    assert float(student["lo"]) <= float(student["diff"]) <= float(student["hi"])
+    assert (out / "ap_per_stage.png").stat().st_size > 1000
 
 
 def test_the_installed_console_script():

@@ -2,12 +2,15 @@
 (CUDA mocked: no GPU is needed)."""
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from okdpose.device import (DeviceError, amp_dtype, configure_backends, describe, input_memory_format, memory_format,
+from okdpose.device import (DeviceError, autocast_dtype, channels_last_for, cpu_flags, cpu_model, precision_record,
+                            reported_flags, configure_backends, describe, input_memory_format, memory_format,
                             resolve_device)
+from okdpose.params import ParamsError
 
 
 def no_gpu(monkeypatch, cuda_build):
@@ -44,7 +47,7 @@ def test_cuda_with_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
-def test_amp_dtype_needs_bf16_tensor_cores(monkeypatch, native, expected):
+def test_auto_precision_on_cuda_needs_bf16_tensor_cores(monkeypatch, native, expected):
     calls = []
 
     def supported(including_emulation=True):
@@ -52,9 +55,48 @@ def test_amp_dtype_needs_bf16_tensor_cores(monkeypatch, native, expected):
         return native or including_emulation     # T4 / V100: bf16 only through emulation
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
-    assert amp_dtype(torch.device("cuda"), True) is expected and calls == [False]
-    assert amp_dtype(torch.device("cuda"), False) is None
-    assert amp_dtype(torch.device("cpu"), True) is None       # CPU: fp32, no autocast
+    assert autocast_dtype(torch.device("cuda"), "auto") is expected and calls == [False]
+    assert autocast_dtype(torch.device("cuda"), "fp32") is None
+    assert autocast_dtype(torch.device("cuda"), "bf16") is torch.bfloat16     # as asked, native or not
+    assert autocast_dtype(torch.device("cuda"), "fp16") is torch.float16
+
+
+AVX2 = {"sse4_2", "avx", "avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (AVX2, None),                                   # bf16 emulated: 30-60x slower, auto stays fp32
+    (AVX512, None),                                 # AVX-512 without its BF16 extension
+    (AVX512 | {"avx512_bf16"}, torch.bfloat16),     # Cooper Lake, Zen 4 and later
+    (AVX512 | {"amx_tile", "amx_bf16"}, torch.bfloat16),   # Sapphire Rapids AMX
+    (set(), None),                                  # flags unknown (not Linux)
+])
+def test_auto_precision_on_cpu_follows_the_bf16_flags(flags, expected):
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "auto", flags=flags) is expected
+    assert autocast_dtype(cpu, "fp32", flags=flags) is None
+    assert autocast_dtype(cpu, "bf16", flags=flags) is torch.bfloat16   # forced: runs on any CPU
+    with pytest.raises(ParamsError, match="evaluate.precision is fp16, which runs on CUDA only"):
+        autocast_dtype(cpu, "fp16", flags=flags, key="evaluate.precision")
+
+
+def test_channels_last_auto_follows_the_cpu_and_records_the_flags():
+    cpu = torch.device("cpu")
+    assert channels_last_for(cpu, "auto", flags=AVX2) is False      # measured slower for the W8 default (AVX2)
+    assert channels_last_for(cpu, "auto", flags=AVX512) is True     # measured faster, W8 and W32 (AVX-512)
+    assert channels_last_for(cpu, True, flags=AVX2) is True and channels_last_for(cpu, False, flags=AVX512) is False
+    assert channels_last_for(torch.device("cuda"), "auto") is True
+    assert reported_flags(AVX512 | {"avx512_bf16"}) == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    rec = precision_record(cpu, torch.bfloat16, "auto")
+    assert rec["precision"] == "bf16" and rec["precision_asked"] == "auto" and isinstance(rec["cpu_flags"], str)
+
+
+def test_cpu_flags_read_from_proc_cpuinfo():
+    flags = cpu_flags()
+    if Path("/proc/cpuinfo").is_file():
+        assert "fpu" in flags or not flags          # x86 lists fpu; other platforms may have no flags line
+    assert isinstance(cpu_model(), str) and cpu_model()
 
 
 def test_backends(monkeypatch):

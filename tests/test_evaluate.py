@@ -14,6 +14,7 @@ import yaml
 from okdpose.evaluation import METRIC_KEYS
 from okdpose.joints import BABYPOSE12
 from okdpose.model import MultiOutHRNet, save_checkpoint
+from okdpose.reports import eval_headline
 
 STAGE = Path(__file__).resolve().parents[1] / "stages" / "evaluate.py"
 DVC_ENV = ("OKDPOSE_TRACKING", "MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE", "DVC_EXP_BASELINE_REV")
@@ -39,7 +40,9 @@ def run_stage(root: Path, monkeypatch) -> dict:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(root)
     runpy.run_path(str(STAGE), run_name="__main__")
-    return json.loads((root / "metrics" / "eval.json").read_text())
+    report = json.loads((root / "reports" / "eval.json").read_text())
+    assert json.loads((root / "metrics" / "eval.json").read_text()) == eval_headline(report)
+    return report
 
 
 def direct_pycocotools_ap(gt_path: Path, results_path: Path) -> float:
@@ -124,7 +127,7 @@ def test_missing_or_mismatched_model_says_what_to_run(tmp_path, tiny_prepared, m
     with pytest.raises(SystemExit) as err:
         run_stage(tmp_path, monkeypatch)
     assert "'n_stage': 3" in str(err.value) and "dvc repro train-okd" in str(err.value)
-    assert not (tmp_path / "metrics" / "eval.json").exists()
+    assert not (tmp_path / "metrics" / "eval.json").exists() and not (tmp_path / "reports" / "eval.json").exists()
 
 
 def test_logs_into_the_training_run(tmp_path, tiny_prepared, monkeypatch):
@@ -140,7 +143,7 @@ def test_logs_into_the_training_run(tmp_path, tiny_prepared, monkeypatch):
     (tmp_path / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
     monkeypatch.chdir(tmp_path)
     runpy.run_path(str(STAGE), run_name="__main__")
-    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "eval.json").read_text())
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -150,7 +153,7 @@ def test_logs_into_the_training_run(tmp_path, tiny_prepared, monkeypatch):
     assert logged.data.metrics["eval.test.stage1.latency_ms"] == pytest.approx(metrics["stage1"]["latency_ms"])
     assert logged.data.tags["eval.split"] == "test"
     names = {a.path for a in client.list_artifacts(run_id, "eval")}
-    assert {"eval/metrics", "eval/plots", "eval/results"} <= names
+    assert {"eval/metrics", "eval/reports", "eval/plots", "eval/results"} <= names
     assert len(client.search_runs([logged.info.experiment_id])) == 1     # no new run
 
 

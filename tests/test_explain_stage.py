@@ -53,7 +53,7 @@ def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, ca
             assert z[layer].shape == (64, 48) and 0 <= z[layer].min() and z[layer].max() <= 1
         assert z["pred_stage3"].shape == (12, 3) and z["box"].shape == (4,) and z["joints"].shape == (12, 3)
         assert z["stage2_gradcam"].shape == (13, 64, 48)     # 12 joints, then the pose
-    m = json.loads((root / "metrics" / "explain.json").read_text())
+    m = json.loads((root / "reports" / "explain.json").read_text())
     assert list(m) == ["split", "pointing_radius", "sign", "target_peak", "stage1", "stage2", "stage3", "extra",
                        "chance", "images", "pointing_images"]
     assert list(m["stage2"]) == ["eigencam", "gradcam", "eigencam_head"] and list(m["extra"]) == ["stage3.3.branches.2"]
@@ -69,6 +69,7 @@ def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, ca
     detail = json.loads((results / "scores.json").read_text())
     assert detail["images"] == [p.stem for p in npzs] and len(detail["stage3"]["gradcam"]["joint_pointing_game"]) == 2
 
+    (root / "metrics").mkdir(exist_ok=True)
     (root / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
     run_stage()                                     # same seed: the same images
     assert sorted(p.stem for p in (root / "plots" / "explain").glob("*.png")) == sorted(p.stem for p in overviews + grids)
@@ -77,7 +78,7 @@ def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, ca
     assert run.metrics["explain.stage3.eigencam_head.energy_in_box"] == m["stage3"]["eigencam_head"]["energy_in_box"]
     assert run.metrics["explain.stage2.gradcam.joint_pointing_game"] == m["stage2"]["gradcam"]["joint_pointing_game"]
     assert run.artifacts == [("plots/explain", "explain"), ("plots/explain_scores", "explain"),
-                             ("metrics/explain.json", "explain")]
+                             ("reports/explain.json", "explain")]
 
 
 @pytest.mark.parametrize("change, words", [
@@ -94,7 +95,7 @@ def test_stage_errors_name_the_fix(root, change, words):
         run_stage()
     for w in words:
         assert w in str(err.value)
-    assert not (root / "metrics" / "explain.json").exists()
+    assert not (root / "reports" / "explain.json").exists()
 
 
 def test_stage_runs_on_the_resolved_device_and_says_so(root, monkeypatch, caplog):

@@ -271,12 +271,12 @@ def test_stage_writes_verified_exports_and_metrics(root, capsys, monkeypatch):
     meta = read_meta(root / "models" / "export" / "stage3.onnx")
     assert meta.stage == 3 and meta.test_ap == 0.4 and meta.source["dvc_experiment"] == "exp-tiny"
     assert meta.image_size == TINY_IMAGE_SIZE and meta.heatmap_size == (12, 16) and meta.n_stage_trained == 3
-    m = json.loads((root / "metrics" / "export.json").read_text())
+    m = json.loads((root / "reports" / "export.json").read_text())
     assert set(m) >= {"threads", "opset", "teacher", "stage2", "stage3"} and m["teacher"]["stage"] == 3
     assert m["stage2"]["verify"]["onnx"]["mismatches"] == 0 and m["stage3"]["flop_ratio"] == 1.0
     assert "stage2" in capsys.readouterr().out
     (run,) = FakeTracker.runs                                        # the numbers went into the training run
-    assert run.id == "abc123" and run.artifacts == [("metrics/export.json", "export")]
+    assert run.id == "abc123" and run.artifacts == [("reports/export.json", "export")]
     assert run.metrics["export.stage2.gflops"] == m["stage2"]["gflops"]
     assert run.metrics["export.stage3.latency_ms.onnxruntime.b2"] == m["stage3"]["latency_ms"]["onnxruntime"]["b2"]
 
@@ -286,7 +286,7 @@ def test_stage_errors_name_the_fix_and_leave_no_outputs(root):
     with pytest.raises(SystemExit) as err:
         runpy.run_path(str(ROOT / "stages" / "export.py"), run_name="__main__")
     assert "export.stages" in str(err.value) and "stage 4" in str(err.value)
-    assert not (root / "models" / "export").exists() and not (root / "metrics" / "export.json").exists()
+    assert not (root / "models" / "export").exists() and not (root / "reports" / "export.json").exists()
 
 
 def test_command_exports_one_stage_and_reports_user_errors(root, capsys):

@@ -32,4 +32,4 @@ def test_without_a_gpu_it_exits_2_saying_so(monkeypatch, capsys):
 
 def test_bad_override_is_refused():
     with pytest.raises(SystemExit):
-        main(["--device", "cpu", "--set", "train.amp"])
+        main(["--device", "cpu", "--set", "train.precision"])

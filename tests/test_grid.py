@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from okdpose import grid
-from okdpose.grid import ROWS, ROWS_BY_NAME, experiments_from_show, markdown_table, queue_command, table_rows
+from okdpose.grid import ROWS, ROWS_BY_NAME, queue_command
 from okdpose.params import params_from_dict
 
 
@@ -24,40 +24,32 @@ def test_every_row_is_a_valid_params_set_with_the_papers_stages():
 
 
 def test_queue_command_values_parse_back_as_yaml():
-    cmd = queue_command(ROWS_BY_NAME["HRNet4-MSOKD-DS"], prefix="g1-", extra=["train.epochs=2"])
-    assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "g1-HRNet4-MSOKD-DS"]
-    sets = dict(s.split("=", 1) for s in cmd[7::2])
+    cmd = queue_command(ROWS_BY_NAME["HRNet4-MSOKD-DS"], prefix="g1-", extra=["train.epochs=2"], seed=2)
+    assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "g1-HRNet4-MSOKD-DS-s2"]
+    assert cmd[-1] == "evaluate"                       # explain / export are not part of a grid run
+    sets = dict(s.split("=", 1) for s in cmd[7:-1:2])
     assert yaml.safe_load(sets["loss.kld_couples"]) == [[2, 4], [3, 4]]
     assert yaml.safe_load(sets["model.multi"]) is True and yaml.safe_load(sets["loss.use_mse"]) is True
+    assert yaml.safe_load(sets["train.seed"]) == 2 and yaml.safe_load(sets["tracking.grid_row"]) == "HRNet4-MSOKD-DS"
     assert sets["train.epochs"] == "2"
+    assert queue_command(ROWS_BY_NAME["HRNet2"], target=None)[-1] != "evaluate"
 
 
-def _show(name, metrics, state=None):
-    rev = {"rev": "abc", "name": name, "error": None,
-           "data": {"metrics": {"metrics/eval.json": {"data": metrics}}, "params": {"params.yaml": {"data": {}}}}}
-    executor = None if state is None else {"state": state, "name": "dvc-task"}
-    return [{"rev": "workspace", "experiments": None},
-            {"rev": "base", "name": "main", "experiments": [{"revs": [rev], "executor": executor}]}]
+def test_queue_is_seed_major_and_skips_collected_runs(tmp_path, capsys):
+    (tmp_path / "runs" / "HRNet3-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "HRNet3-s0" / "meta.json").write_text("{}")
+    assert grid.main(["queue", "--seeds", "2", "--rows", "HRNet2", "HRNet3", "--dry-run",
+                      "--skip-collected", str(tmp_path)]) == 0
+    names = [line.split()[5] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["HRNet2-s0", "HRNet2-s1", "HRNet3-s1"]
+    with pytest.raises(SystemExit):
+        grid.main(["queue", "--seeds", "0", "--dry-run"])
 
 
-@pytest.mark.parametrize("state", ["queued", "running", "failed"])
-def test_unfinished_experiments_are_not_collected(state):
-    # DVC shows a queued or running experiment with its baseline's metrics: they are not its results
-    metrics = {"stage4": {"AP": 0.5, "AR": 0.6, "hmPCK50": 0.7}}
-    assert experiments_from_show(_show("HRNet4", metrics, state)) == {}
-    assert set(experiments_from_show(_show("HRNet4", metrics, "success"))) == {"HRNet4"}
-
-
-def test_table_collects_student_and_teacher_in_paper_layout():
-    show = _show("HRNet4-OKD", {"stage3": {"AP": 0.5, "AR": 0.6, "hmPCK50": 0.7},
-                                "stage4": {"AP": 0.8, "AR": 0.9, "hmPCK50": 0.95}})
-    recs = table_rows(experiments_from_show(show))
-    okd = [r for r in recs if r["row"] == "HRNet4-OKD"]
-    assert [(r["stage"], r["role"], r["AP"]) for r in okd] == [(3, "student", 50.0), (4, "teacher", 80.0)]
-    assert okd[1]["paper_AP"] == 93.77
-    md = markdown_table(recs)
-    assert "| HRNet4-OKD | 4 | (3,4) | no | 1 | 50.00 / 80.00 | 60.00 / 90.00 | 70.00 / 95.00 | 92.63 / 93.77 |" in md
-    assert "| HRNet2 | 2 | - | - | 1 | – |" in md   # not run yet: a dash, never a made-up number
+def test_workers_get_one_thread_each_by_default():
+    env = grid.worker_env(1)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert grid.worker_env(0) is None                   # torch's default
 
 
 def test_list_prints_overrides_a_shell_reads_back(capsys):
@@ -74,15 +66,6 @@ def test_list_prints_overrides_a_shell_reads_back(capsys):
         sets = dict(w.split("=", 1) for w in words[2::2])
         assert words[1::2] == ["-S"] * len(row.overrides())
         assert yaml.safe_load(sets["loss.kld_couples"]) == [list(c) for c in row.couples]
-
-
-def test_the_newest_run_of_a_row_is_collected_across_commits():
-    old, new = ({"stage2": {"AP": v, "AR": v, "hmPCK50": v}} for v in (0.1, 0.2))
-    a, b = _show("HRNet2", old), _show("HRNet2", new)
-    a[1]["experiments"][0]["revs"][0]["data"]["timestamp"] = "2026-11-29T10:00:00"
-    b[1]["experiments"][0]["revs"][0]["data"]["timestamp"] = "2026-11-29T11:00:00"
-    assert experiments_from_show(b + a)["HRNet2"]["metrics"] == new
-    assert experiments_from_show(a + b)["HRNet2"]["metrics"] == new
 
 
 STATUS = """Task     Name             Created    Status
@@ -118,8 +101,11 @@ def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
             return Done(STATUS.format(a=a, b=b, c=c))
         return Done()
 
-    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=lambda s: None)
+    checks = []
+    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=lambda s: None,
+                              on_check=lambda: checks.append(1))
     assert counts == {"Success": 3, "Failed": 1}
+    assert len(checks) == 4                    # finished runs are collected at every check, the last one too
     starts = [c for c in calls if c[:2] == ["queue", "start"]]
     # only while fewer than 2 run and tasks wait; -j is the total (DVC starts the numbered workers not alive)
     assert starts == [["queue", "start", "-j", "2"]]

@@ -128,7 +128,7 @@ def test_stage_scripts_end_to_end(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
-    report = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
     assert report["total"]["records_gt"] == 6
     assert sorted(p.name for p in (tmp_path / "plots" / "data").iterdir()) == sorted(
         f"{s}_{k}.png" for s in ("train", "val", "test") for k in ("frames", "crops"))

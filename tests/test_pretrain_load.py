@@ -19,7 +19,7 @@ def run_stage(root: Path, monkeypatch, **model) -> dict:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(root)
     runpy.run_path(str(STAGE), run_name="__main__")
-    return json.loads((root / "metrics" / "pretrain.json").read_text())
+    return json.loads((root / "reports" / "pretrain.json").read_text())
 
 
 def test_from_scratch_says_so_and_writes_init_and_metrics(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ Reuses the pipeline repository of test_e2e.py (built once per session).
 """
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import subprocess
@@ -77,7 +78,10 @@ def test_two_queued_experiments_share_one_mlflow_store(tmp_path_factory):
     assert set(shown) == set(WEIGHTS)
     train_metrics = {n: d["metrics"]["metrics/train.json"]["data"] for n, d in shown.items()}
     for name, weight in WEIGHTS.items():
-        assert train_metrics[name]["final"]["loss"]["kl_weight"] == weight
+        # the full report is a git-tracked plain output of the experiment's commit, not a metric
+        report = json.loads(sh(repo, "git", "show", f"{shown[name]['rev']}:reports/train.json", merge=False).stdout)
+        assert report["final"]["loss"]["kl_weight"] == weight
+        assert report["mlflow_run_id"] == train_metrics[name]["mlflow_run_id"]
         assert "stage2" in shown[name]["metrics"]["metrics/eval.json"]["data"]
 
     # one store at the repository root, intact, with both runs complete

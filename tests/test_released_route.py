@@ -10,6 +10,7 @@ import yaml
 
 from okdpose.model import load_model
 from okdpose.params import ParamsError, params_from_dict
+from okdpose.reports import eval_headline, train_headline
 
 from original_hrnet import MultiOutPoseHrnet, randomize
 
@@ -52,10 +53,11 @@ def test_model_checkpoint_is_evaluated_as_released_without_training(tmp_path, ti
     run("pretrain_load", tmp_path, monkeypatch)
     out = capsys.readouterr().out
     assert "taken as trained" in out and "`module.` prefix" in out
-    (tmp_path / "metrics" / "data.json").write_text("{}\n")
+    (tmp_path / "reports" / "data.json").write_text("{}\n")
     run("train_okd", tmp_path, monkeypatch)
     assert "(no training)" in capsys.readouterr().out
-    train = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    train = json.loads((tmp_path / "reports" / "train.json").read_text())
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text()) == train_headline(train)
     assert train["trained"] is False and train["epochs_run"] == 0
     assert train["checkpoint"]["kind"] == "checkpoint" and train["checkpoint"]["architecture"]["n_stage"] == N_STAGE
     assert set(train["best"]) >= {"epoch", "score", "stage1", "stage2"}
@@ -66,12 +68,13 @@ def test_model_checkpoint_is_evaluated_as_released_without_training(tmp_path, ti
     for a, b in zip(ours, ref, strict=True):
         assert torch.equal(a, b)
     run("evaluate", tmp_path, monkeypatch)
-    metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "eval.json").read_text())
     assert {"stage1", "stage2", "anytime"} <= set(metrics)
+    assert json.loads((tmp_path / "metrics" / "eval.json").read_text()) == eval_headline(metrics)
     run("explain", tmp_path, monkeypatch)                    # explain and export run on it unchanged
-    assert {"stage1", "stage2"} <= set(json.loads((tmp_path / "metrics" / "explain.json").read_text()))
+    assert {"stage1", "stage2"} <= set(json.loads((tmp_path / "reports" / "explain.json").read_text()))
     run("export", tmp_path, monkeypatch)
-    exported = json.loads((tmp_path / "metrics" / "export.json").read_text())
+    exported = json.loads((tmp_path / "reports" / "export.json").read_text())
     assert "stage2" in exported and (tmp_path / "models" / "export" / "stage2.onnx").is_file()
 
 

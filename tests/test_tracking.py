@@ -200,3 +200,50 @@ def test_unreachable_store_falls_back_to_noop(env, tmp_path, caplog):
             ran = True
     assert ran and run.id is None and type(run) is Run
     assert "tracking is off for this run" in caplog.text
+
+
+# ------------------------------------------------------------------ names, kinds and grid tags
+
+def _git_repo(path: Path) -> Path:
+    path.mkdir()
+    run = lambda *a: subprocess.run(["git", *a], cwd=path, check=True, capture_output=True)   # noqa: E731
+    run("init", "-q")
+    run("config", "user.email", "t@localhost")
+    run("config", "user.name", "t")
+    (path / "params.yaml").write_text("a: 1\n")
+    run("add", "params.yaml")
+    run("commit", "-qm", "c")
+    return path
+
+
+def test_a_plain_run_is_named_after_its_commit(env, tmp_path):
+    from okdpose.tracking import default_run_name, git_commit
+
+    repo = _git_repo(tmp_path / "g")
+    env.chdir(repo)
+    commit = git_commit(repo)
+    assert default_run_name(repo) == commit[:8]
+    (repo / "params.yaml").write_text("a: 2\n")                    # uncommitted params: not the commit's run
+    assert default_run_name(repo) == commit[:8] + "+dirty"
+    env.setenv("DVC_EXP_NAME", "kld-0.5")                          # an experiment keeps its DVC name
+    assert default_run_name(repo) == "kld-0.5"
+
+
+def test_grid_runs_are_tagged_with_row_and_seed_and_the_experiment_opens_as_model_training(env, store_root):
+    from okdpose.tracking import KIND_MODEL_TRAINING, TAG_KIND, run_tags
+
+    params = TrackingParams(experiment="okd-kind", grid_row="HRNet4-OKD")
+    assert run_tags(params, 2) == {"seed": "2", "grid.row": "HRNet4-OKD", "grid.seed": "2"}
+    assert run_tags(TrackingParams(), 0) == {"seed": "0"}
+    with Tracker.from_params(TrackingParams(experiment="okd-kind", run_name="named")).run(tags=run_tags(params, 2)) as run:
+        pass
+    client = read_client(store_root)
+    got = client.get_run(run.id)
+    assert got.info.run_name == "named" and got.data.tags["grid.row"] == "HRNet4-OKD"
+    exp = client.get_experiment(got.info.experiment_id)
+    assert exp.tags[TAG_KIND] == KIND_MODEL_TRAINING
+    # a store made before the tag existed gets it on the next run
+    client.delete_experiment_tag(exp.experiment_id, TAG_KIND)
+    with Tracker.from_params(TrackingParams(experiment="okd-kind")).run():
+        pass
+    assert client.get_experiment(exp.experiment_id).tags[TAG_KIND] == KIND_MODEL_TRAINING

@@ -39,7 +39,7 @@ class HRNet64(MultiOutHRNet):
 
 
 def trainer(sets, tmp_path, *, epochs=2, fingerprint="fp", loss=None, validate=None, patience=0, seed=0,
-            channels_last=False, float64=False, **kw):
+            channels_last=False, float64=False, precision="fp32", **kw):
     train, _, val_fn = sets
     torch.manual_seed(1)
     model = HRNet64(12, width=4, n_stage=2).double() if float64 else MultiOutHRNet(12, width=4, n_stage=2)
@@ -47,7 +47,7 @@ def trainer(sets, tmp_path, *, epochs=2, fingerprint="fp", loss=None, validate=N
     return Trainer(model, loss or okd(), opt, scheduler=make_scheduler(opt, [1], 0.5), train_set=train,
                    validate=validate or val_fn,
                    params=TrainParams(epochs=epochs, batch_size=2, seed=seed, patience=patience,
-                                      channels_last=channels_last),
+                                      channels_last=channels_last, precision=precision),
                    select_stages=(1, 2), last_path=tmp_path / "last.pt", best_path=tmp_path / "model.pt",
                    fingerprint=fingerprint, fingerprint_parts={"params": {"train.lr": 0.001}}, **kw)
 
@@ -223,8 +223,26 @@ def test_amp_on_cuda_bf16_only_with_tensor_cores_else_fp16_with_scaler(sets, tmp
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
-    t = trainer(sets, tmp_path, ctx=DistContext(device="cuda"))          # constructed only: nothing runs
+    t = trainer(sets, tmp_path, ctx=DistContext(device="cuda"), precision="auto")   # constructed only: nothing runs
     assert t.amp_dtype is dtype and t.scaler.is_enabled() == (dtype is torch.float16)
+
+
+def test_a_bf16_step_runs_on_any_cpu_with_finite_fp32_losses(sets, tmp_path):
+    # slow without bf16 units (emulated), fast with them: either way it must run and stay finite
+    t = trainer(sets, tmp_path, epochs=1, precision="bf16")
+    assert t.amp_dtype is torch.bfloat16 and not t.scaler.is_enabled()
+    result = t.fit()
+    losses = result.history[0]["train"]
+    assert all(math.isfinite(v) for v in losses.values()) and losses["total"] > 0, losses
+    assert math.isfinite(result.history[0]["score"])
+
+
+def test_auto_precision_on_this_cpu_is_the_flag_rule(sets, tmp_path):
+    from okdpose.device import autocast_dtype, native_bf16
+
+    t = trainer(sets, tmp_path, precision="auto")
+    assert t.amp_dtype is (torch.bfloat16 if native_bf16(torch.device("cpu")) else None)
+    assert t.amp_dtype is autocast_dtype(torch.device("cpu"), "auto")
 
 
 def test_validation_runs_under_the_given_autocast(tiny_prepared, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from okdpose.model import MultiOutHRNet, load_model, save_checkpoint
+from okdpose.reports import train_headline
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "train_okd.py"
@@ -47,15 +48,18 @@ def project(root: Path, prepared: Path, **sections) -> Path:
     torch.manual_seed(0)
     m = params["model"]
     save_checkpoint(root / "models" / "init.pt", MultiOutHRNet(12, m["width"], m["n_stage"]))
-    (root / "metrics").mkdir()
-    (root / "metrics" / "data.json").write_text('{"total": {}}\n')
+    (root / "reports").mkdir()
+    (root / "reports" / "data.json").write_text('{"total": {}}\n')
     return root
 
 
 def run_stage(root: Path, monkeypatch) -> dict:
+    """Run the stage in `root` -> its full report (reports/train.json), checked against its headline."""
     monkeypatch.chdir(root)
     runpy.run_path(str(STAGE), run_name="__main__")
-    return json.loads((root / "metrics" / "train.json").read_text())
+    report = json.loads((root / "reports" / "train.json").read_text())
+    assert json.loads((root / "metrics" / "train.json").read_text()) == train_headline(report)
+    return report
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -110,7 +114,7 @@ def test_dvc_repro_trains_as_two_processes_and_then_is_up_to_date(tmp_path):
     assert "train-okd" in stages_in(log)[0] and "starting 2 processes" in log, log
     assert "rank 0 of 2 (gloo" in log and "rank 1 of 2 (gloo" in log, log
     assert "Grad strides do not match bucket view strides" not in log, log    # channels-last before the wrap
-    train = json.loads((repo / "metrics" / "train.json").read_text())
+    train = json.loads((repo / "reports" / "train.json").read_text())
     assert train["world_size"] == 2 and train["epochs_run"] == 2 and train["resumed_from_epoch"] is None
     assert torch.load(repo / "models" / "last.pt", weights_only=True)["world_size"] == 2
     again = sh(repo, "dvc", "repro")
@@ -164,7 +168,7 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(tiny_prepared, tmp
     err = killed.communicate(timeout=300)[1]
     assert killed.returncode == -signal.SIGKILL, err
     assert torch.load(b / "models" / "last.pt", weights_only=True)["epoch"] == 1
-    assert not (b / "metrics" / "train.json").exists()
+    assert not (b / "metrics" / "train.json").exists() and not (b / "reports" / "train.json").exists()
     (b / "models" / "model.pt").unlink()          # as DVC does before re-running the stage
     with caplog.at_level(logging.INFO, logger="okdpose.train"):
         mb = run_stage(b, monkeypatch)
@@ -204,8 +208,10 @@ def test_tracking_logs_params_metrics_artifacts_and_run_id(tiny_prepared, tmp_pa
     assert {"train/total", "train/kl_1_2", "lr", "val/stage1/AP", "val/stage2/AP", "val/score",
             "best/score"} <= set(run.data.metrics)
     assert run.data.metrics["val/stage2/AP"] == pytest.approx(m["final"]["stage2"]["AP"])
-    names = {a.path for top in ("metrics", "models", "plots/train") for a in client.list_artifacts(run.info.run_id, top)}
-    assert {"metrics/train.json", "metrics/data.json", "models/model.pt", "plots/train/val_ap.csv"} <= names
+    names = {a.path for top in ("metrics", "reports", "models", "plots/train")
+             for a in client.list_artifacts(run.info.run_id, top)}
+    assert {"metrics/train.json", "reports/train.json", "reports/data.json", "models/model.pt",
+            "plots/train/val_ap.csv"} <= names
 
 
 def test_dvc_yaml_train_okd_lists_what_the_stage_reads():
@@ -217,10 +223,12 @@ def test_dvc_yaml_train_okd_lists_what_the_stage_reads():
     for path in ("stages/train_okd.py", "src/okdpose/train.py", "src/okdpose/losses.py", "src/okdpose/data",
                  "src/okdpose/codec.py", "src/okdpose/inference.py", "src/okdpose/metrics.py",
                  "src/okdpose/tracking.py", "src/okdpose/joints.py", "src/okdpose/model", "data/raw",
-                 "data/prepared", "models/init.pt", "metrics/data.json", "metrics/pretrain.json"):
+                 "data/prepared", "models/init.pt", "reports/data.json", "reports/pretrain.json"):
         assert path in deps, path
-    assert all((ROOT / d).exists() or d.startswith(("data/", "models/", "metrics/")) for d in deps)
+    assert all((ROOT / d).exists() or d.startswith(("data/", "models/", "reports/")) for d in deps)
     outs = [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
-    assert outs == ["models/model.pt", "models/last.pt", "plots/train"]
+    assert outs == ["models/model.pt", "models/last.pt", "plots/train", "reports/train.json"]
+    assert stage["outs"][3] == {"reports/train.json": {"cache": False}}          # git-tracked, not a metric
+    assert stage["metrics"] == [{"metrics/train.json": {"cache": False}}]
     assert stage["outs"][1] == {"models/last.pt": {"persist": True}}
     assert stage["outs"][2] == {"plots/train": {"cache": False}}      # drawn by the top-level plots

@@ -3,7 +3,7 @@ dtype, the cuDNN / determinism settings, and the one log line every stage that r
 starts with.
 
     dev = resolve_device(p.train.device)                  # 'auto' -> cuda when torch sees a GPU
-    dtype = amp_dtype(dev, p.train.amp)                   # None (fp32), bf16 or fp16 (+ GradScaler)
+    dtype = autocast_dtype(dev, p.train.precision)        # None (fp32), bf16 or fp16 (+ GradScaler)
     configure_backends(dev, p.train.deterministic)        # cuDNN benchmark or deterministic; CPU: nothing
     log.info(describe(dev, dtype, torch.channels_last))   # 'device cuda:0 (...), precision ..., ...'
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional
 
 import torch
 
@@ -20,6 +22,11 @@ from okdpose.params import ParamsError
 log = logging.getLogger(__name__)
 
 PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+SHORT = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# CPU flags (as /proc/cpuinfo spells them) of units that run bf16 matmuls / convolutions natively
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# the flags the bench and the metrics report
+REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 class DeviceError(ParamsError):
@@ -50,13 +57,89 @@ def resolve_device(device: str, key: str = "train.device") -> torch.device:
     return torch.device(device)
 
 
-def amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
-    """The autocast dtype: None (fp32) on CPU (bf16 autocast is slower there) or without `amp`;
-    bf16 on GPUs with bf16 tensor cores, fp16 (with a GradScaler) on the others (T4, V100), which
-    `is_bf16_supported()` would count as bf16 through slow emulation."""
-    if not amp or torch.device(device).type != "cuda":
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (the first `flags` line of /proc/cpuinfo); empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    """'model name' of /proc/cpuinfo, else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def reported_flags(flags: Optional[Iterable[str]] = None) -> list[str]:
+    """The performance-relevant flags this CPU has, in `REPORTED_CPU_FLAGS` order."""
+    have = set(cpu_flags() if flags is None else flags)
+    return [f for f in REPORTED_CPU_FLAGS if f in have]
+
+
+def native_bf16(device: torch.device, flags: Optional[Iterable[str]] = None) -> bool:
+    """Whether `device` runs bf16 natively: a GPU with bf16 tensor cores (not emulation), or a
+    CPU with AVX-512 BF16 or AMX units (oneDNN's bf16 kernels; without them bf16 is emulated and
+    30-60x slower than fp32, measured on an AVX2 CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    have = set(cpu_flags() if flags is None else flags)
+    return any(f in have for f in BF16_CPU_FLAGS)
+
+
+def autocast_dtype(device: torch.device, precision: str, flags: Optional[Iterable[str]] = None,
+                   key: str = "train.precision") -> Optional[torch.dtype]:
+    """The autocast dtype of a `*.precision` param: None (fp32), bf16 or fp16 (+ GradScaler).
+
+    auto: bf16 where `device` runs it natively (`native_bf16`); else fp16 on a GPU (T4, V100: fp16
+    tensor cores) and fp32 on a CPU. bf16 / fp16 are taken as asked (bf16 on a CPU without bf16
+    units runs, slowly); fp16 autocast is CUDA only (a ParamsError naming `key`)."""
+    dev = torch.device(device)
+    if precision == "fp32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if dev.type != "cuda":
+            raise ParamsError(f"{key} is fp16, which runs on CUDA only (fp16 autocast on the CPU is not supported "
+                              f"here); set {key}: bf16, fp32 or auto")
+        return torch.float16
+    if precision != "auto":
+        raise ParamsError(f"{key} is {precision!r}; choose auto, fp32, bf16 or fp16")
+    if native_bf16(dev, flags):
+        return torch.bfloat16
+    return torch.float16 if dev.type == "cuda" else None
+
+
+def precision_record(device: torch.device, dtype: Optional[torch.dtype], asked: str) -> dict[str, object]:
+    """What the metrics files record of a run's precision (so two machines' runs can be told apart)."""
+    dev = torch.device(device)
+    rec: dict[str, object] = {"precision": SHORT[dtype], "precision_asked": asked, "device": dev.type}
+    if dev.type == "cpu":
+        rec["cpu_flags"] = " ".join(reported_flags())
+    return rec
+
+
+def channels_last_for(device: torch.device, setting: "bool | str", flags: Optional[Iterable[str]] = None) -> bool:
+    """A `*.channels_last` param: true / false as set; auto = channels-last on GPUs and on CPUs with
+    AVX-512 (measured faster there, W8 and W32), contiguous on AVX2-only CPUs (measured slower for
+    the W8 default; README "Benchmarks")."""
+    if isinstance(setting, bool):
+        return setting
+    if torch.device(device).type == "cuda":
+        return True
+    have = set(cpu_flags() if flags is None else flags)
+    return "avx512f" in have
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

@@ -3,13 +3,15 @@
 anytime (early-exit) curve, and the files that record them.
 
     run = run_evaluation(model, p.evaluate, p.data, p.joint_spec, Path("data/prepared"), device="cpu")
-    write_evaluation(run, metrics=Path("metrics/eval.json"), results=Path("results/eval"),
-                     plots=Path("plots/eval"), num_images=p.evaluate.num_images)
+    write_evaluation(run, metrics=Path("reports/eval.json"), results=Path("results/eval"),
+                     plots=Path("plots/eval"), num_images=p.evaluate.num_images,
+                     headline=Path("metrics/eval.json"))
 
-metrics/eval.json: {split, use_gt_bbox, flip_test, stage{k}: {AP, AR, ..., params_M, gflops,
+reports/eval.json (the full document): {split, use_gt_bbox, flip_test, stage{k}: {AP, AR, ..., params_M, gflops,
 latency_ms}, anytime: {confidence, curve: [{threshold, AP, gflops, exit_stage{k}, ...}]},
 energy: {inference: codecarbon record of the forward passes over the split, with kwh_per_image}}; JSON
-has no NaN or infinity: "no value" is null and τ = inf is "inf".
+has no NaN or infinity: "no value" is null and τ = inf is "inf". metrics/eval.json (what `dvc exp
+show` compares): its headline subset, `okdpose.reports.eval_headline`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from okdpose.anytime import anytime_curve, exit_costs
 from okdpose.data.dataset import PoseDataset
+from okdpose.device import precision_record
 from okdpose.energy import measure_energy
 from okdpose.evaluation import EvalReport, evaluate_report, per_joint_rows
 from okdpose.files import atomic_dir, write_csv, write_json
@@ -29,6 +32,7 @@ from okdpose.inference import Predictions
 from okdpose.joints import JointSpec
 from okdpose.model.cost import stage_costs_table
 from okdpose.model.multi_out import MultiOutHRNet
+from okdpose.reports import eval_headline
 from okdpose.viz import pose_examples, write_png_palette
 
 if TYPE_CHECKING:
@@ -51,7 +55,7 @@ class EvalRun:
     energy: Optional[dict[str, Any]] = None  # {"inference": record} (`okdpose.energy`)
 
     def summary(self) -> dict[str, Any]:
-        """The metrics/eval.json document."""
+        """The full evaluation document (reports/eval.json)."""
         named = {f"stage{k}": _finite(m) for k, m in self.stages.items()}
         out: dict[str, Any] = {**self.flags, **named}
         if self.anytime:
@@ -67,23 +71,25 @@ def _finite(m: dict[str, Any]) -> dict[str, Any]:
 
 def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", spec: JointSpec, prepared: Path, *,
                    device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5,
-                   energy: "Optional[EnergyParams]" = None) -> EvalRun:
+                   energy: "Optional[EnergyParams]" = None, autocast: "Optional[torch.dtype]" = None) -> EvalRun:
     """Predict every stage of `model` (already on `device`) on split `e.split` of `prepared`,
     evaluate each stage and the anytime sweep, and measure each stage's cost; with `energy`,
-    the energy of the predictions (all stages: one forward of the whole model per crop)."""
+    the energy of the predictions (all stages: one forward of the whole model per crop);
+    `autocast`: the predictions' precision (`okdpose.device.autocast_dtype` of evaluate.precision)."""
     gt_path = prepared / f"{e.split}_gt.json"
     ds = PoseDataset(prepared, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
     record = None
     if energy is not None:
         with measure_energy(energy, "inference") as meter:
             preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
-                                      progress=progress)
+                                      progress=progress, autocast=autocast)
         n = len(ds)
         record = {**meter.record, "images": n, "batch_size": e.batch_size}
         if meter.record.get("status") == "ok":
             record.update(kwh_per_image=meter.per_item(n), g_co2eq_per_image=meter.per_item(n, "g_co2eq"))
     else:
-        preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test, progress=progress)
+        preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
+                                  progress=progress, autocast=autocast)
     options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
                    oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
     if not gt_path.is_file():
@@ -99,15 +105,18 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
             preds, e.anytime_thresholds, exit_costs(cfg["num_joints"], cfg["width"], cfg["n_stage"], tuple(d.image_size)),
             lambda pr: evaluate_report(pr, gt_path, spec, ground_truth=ground_truth, **options).metrics,
             kind=e.anytime_confidence)
-    flags = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test}
+    flags = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test,
+             **precision_record(device, autocast, e.precision)}
     return EvalRun(ds, preds, report, stages, curve, flags, e.anytime_confidence,
                    energy={"inference": record} if record else None)
 
 
 def write_evaluation(run: EvalRun, *, metrics: Path, results: Path, plots: Path, num_images: int,
-                     extra: Optional[dict[str, Any]] = None) -> None:
+                     extra: Optional[dict[str, Any]] = None, headline: Optional[Path] = None) -> None:
     """COCO results per stage (results/), CSV tables and example pictures (plots/), then the
-    metrics JSON last: it exists only for a complete run. `extra`: more top-level JSON keys."""
+    full JSON document (`metrics`), then its `eval_headline` subset (`headline`, when given)
+    last: each exists only for a complete run, a headline never without its report. `extra`:
+    more top-level JSON keys of the full document."""
     with atomic_dir(results) as tmp:
         for k, res in run.report.results.items():
             write_json(tmp / f"predictions_stage{k}.json", res, indent=None)
@@ -118,4 +127,7 @@ def write_evaluation(run: EvalRun, *, metrics: Path, results: Path, plots: Path,
             write_csv(tmp / "anytime.csv", run.anytime)
         for i, picture in enumerate(pose_examples(run.dataset, run.preds, run.report, num_images)):
             write_png_palette(tmp / f"example_{i}.png", picture)   # palette: ~20 KB each
-    write_json(metrics, {**run.summary(), **(extra or {})})
+    doc = {**run.summary(), **(extra or {})}
+    write_json(metrics, doc)
+    if headline is not None:
+        write_json(headline, eval_headline(doc))

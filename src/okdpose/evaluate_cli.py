@@ -28,6 +28,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="preprocess output")
     ap.add_argument("--split", choices=("val", "test"), help="default: evaluate.split")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: evaluate.device")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="autocast of the model (default: evaluate.precision, fp32)")
     ap.add_argument("--out", type=Path, help="output folder (default: results/checkpoints/<file stem>)")
     return ap
 
@@ -37,7 +39,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose evaluate") -
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from dataclasses import replace
 
-    from okdpose.device import resolve_device
+    from okdpose.device import autocast_dtype, resolve_device
     from okdpose.eval_run import run_evaluation, write_evaluation
     from okdpose.model import CheckpointError
     from okdpose.model.released import load_released
@@ -47,7 +49,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose evaluate") -
         model, arch, _ = load_released(args.checkpoint)
         print(f"{prog}: {args.checkpoint}: {arch.summary()}")
         p = params_for_checkpoint(args.params, arch.config())
-        e = replace(p.evaluate, **{k: v for k, v in (("split", args.split), ("device", args.device)) if v})
+        e = replace(p.evaluate, **{k: v for k, v in (("split", args.split), ("device", args.device),
+                                                     ("precision", args.precision)) if v})
         meta = load_meta(args.prepared)
         if model.num_joints != p.joint_spec.num_joints:
             raise CheckpointError(f"{args.checkpoint} predicts {model.num_joints} joints, the prepared data "
@@ -58,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose evaluate") -
                             f"{list(p.data.image_size)}; use the params the data was prepared with")
         device = resolve_device(e.device, "--device")
         run = run_evaluation(model.to(device), e, p.data, p.joint_spec, args.prepared, device=device,
-                             progress=sys.stderr.isatty())
+                             progress=sys.stderr.isatty(),
+                             autocast=autocast_dtype(device, e.precision, key="--precision"))
         out = args.out or Path("results/checkpoints") / args.checkpoint.stem
         source = {"path": str(args.checkpoint), "sha256": sha256_file(args.checkpoint), "model": model.config()}
         write_evaluation(run, metrics=out / "eval.json", results=out / "results", plots=out / "plots",

@@ -20,7 +20,7 @@ from okdpose.params import flatten
 # dvc.yaml (tests/test_fingerprint.py compares the two), in that order
 TRAINING_CODE = ("train.py", "given_model.py", "device.py", "distributed.py", "seeding.py", "fingerprint.py",
                  "reports.py", "losses.py", "data", "codec.py", "geometry.py", "evaluation.py", "inference.py",
-                 "metrics.py", "joints.py", "tracking.py", "model")
+                 "metrics.py", "joints.py", "tracking.py", "energy.py", "model")
 # the prepared data training reads (train samples, val samples and their COCO ground truth)
 PREPARED_FILES = ("meta.json", "train_gt.npz", "val_gt.npz", "val_gt.json")
 # params that change how a run executes, not what it computes: a run resumes across them

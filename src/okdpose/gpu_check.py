@@ -5,7 +5,7 @@ find_unused_parameters, on a one-process group), fused Adam, the AMP choice, one
 then a second `fit` that must resume the finished run from last.pt. Prints the resolved
 precision, img/s and peak memory; a non-finite loss or score fails it.
 
-    python -m okdpose.gpu_check [--device cuda] [--steps 10] [--set train.amp=true ...]
+    python -m okdpose.gpu_check [--device cuda] [--steps 10] [--set train.precision=bf16 ...]
     scripts/gpu_check.sh            # on CUDA; exits 2 without a GPU
 
 `run_check(device, overrides=...)` is the library form (tests/test_gpu_check.py runs it on the
@@ -64,7 +64,7 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
     from okdpose.data.coco import prepare_dataset
     from okdpose.data.dataset import PoseDataset
     from okdpose.data.fetch import fetch_raw
-    from okdpose.device import PRECISION, amp_dtype, describe, memory_format, resolve_device
+    from okdpose.device import PRECISION, autocast_dtype, channels_last_for, describe, memory_format, resolve_device
     from okdpose.distributed import DistContext, unused_outputs
     from okdpose.losses import OKDLoss
     from okdpose.model.initial import initial_model
@@ -96,7 +96,7 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
             seed_everything(t.seed)
             model, _ = initial_model(p.model_config(), None)
             loss_fn = OKDLoss(p.loss, p.output_stages())
-            model.to(dev, memory_format=memory_format(t.channels_last))
+            model.to(dev, memory_format=memory_format(channels_last_for(dev, t.channels_last)))
             net = nn.parallel.DistributedDataParallel(
                 model, device_ids=[dev.index or 0] if dev.type == "cuda" else None,
                 find_unused_parameters=unused_outputs(p.output_stages(), set(loss_fn.trained_stages)))
@@ -105,7 +105,7 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
                            train_set=train_set, params=t, ctx=ctx, select_stages=p.kd_stages(),
                            validate=make_validator(val_set, root / "prepared" / "val_gt.json", d.joint_spec,
                                                    batch_size=t.batch_size, device=ctx.device,
-                                                   autocast=amp_dtype(dev, t.amp)),
+                                                   autocast=autocast_dtype(dev, t.precision)),
                            last_path=root / "last.pt", best_path=root / "model.pt", fingerprint="gpu_check",
                            on_step=clock, progress=False)
 
@@ -141,7 +141,7 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
 def _override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"--set {text!r}: write key=value, e.g. train.amp=true")
+        raise argparse.ArgumentTypeError(f"--set {text!r}: write key=value, e.g. train.precision=bf16")
     return key, yaml.safe_load(value)
 
 
@@ -150,7 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     ap.add_argument("--steps", type=int, default=10, help="training batches in the epoch (default 10)")
     ap.add_argument("--set", dest="overrides", type=_override, action="append", default=[],
-                    metavar="KEY=VALUE", help="a params override, e.g. train.amp=true (repeatable)")
+                    metavar="KEY=VALUE", help="a params override, e.g. train.precision=bf16 (repeatable)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"gpu_check: no CUDA GPU visible to torch {torch.__version__} (cuda build: {torch.version.cuda}); "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import subprocess
 import sys
@@ -34,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-METRICS_FILE = "metrics/eval.json"
-TABLE_METRICS = ("AP", "AR", "hmPCK50")   # the paper's columns (hmPCK50 = its PCK@0.5)
 
 
 @dataclass(frozen=True)
@@ -126,80 +123,6 @@ def select_rows(names: Iterable[str] | None) -> list[GridRow]:
     if unknown:
         raise SystemExit(f"unknown grid row(s) {unknown}; choose from {list(ROWS_BY_NAME)}")
     return [ROWS_BY_NAME[n] for n in names]
-
-
-# --------------------------------------------------------------------------- collecting
-
-UNFINISHED = ("queued", "running", "failed")    # `executor.state` in `dvc exp show --json` (DVC 3)
-
-
-def experiments_from_show(show: list[dict]) -> dict[str, dict]:
-    """{experiment name: {"params": params.yaml data, "metrics": metrics/eval.json data}} from `dvc exp show --json`."""
-    found: dict[str, dict] = {}
-    for baseline in show:
-        for group in baseline.get("experiments") or []:
-            state = (group.get("executor") or {}).get("state")
-            if state in UNFINISHED:      # queued / running experiments show their baseline's metrics
-                continue
-            for rev in group.get("revs") or []:
-                data, name = rev.get("data") or {}, rev.get("name")
-                if not name or rev.get("error"):
-                    continue
-                metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
-                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-                stamp = data.get("timestamp") or ""
-                if metrics and (name not in found or stamp > (found[name]["timestamp"] or "")):   # the newest run of a name
-                    found[name] = {"params": params, "metrics": metrics, "timestamp": stamp}
-    return found
-
-
-def table_rows(experiments: dict[str, dict], prefix: str = "") -> list[dict[str, Any]]:
-    """One dict per (row, reported stage) with our metrics (in %) and the paper's."""
-    out = []
-    for row in ROWS:
-        exp = experiments.get(f"{prefix}{row.name}")
-        for i, stage in enumerate(row.reported_stages):
-            m = (exp or {}).get("metrics", {}).get(f"stage{stage}", {})
-            rec: dict[str, Any] = {"row": row.name, "stage": stage,
-                                   "role": "teacher" if stage == row.reported_stages[-1] else "student",
-                                   "couples": " ".join(f"({s},{t})" for s, t in row.couples) or "-",
-                                   "DS": "yes" if row.deep_supervision else ("no" if row.couples else "-"),
-                                   "T": row.temperature, "ran": exp is not None}
-            for key in TABLE_METRICS:
-                v = m.get(key)
-                rec[key] = None if v is None else round(100 * float(v), 2)
-                rec[f"paper_{key}"] = row.paper[key][i] if row.paper else None
-            out.append(rec)
-    return out
-
-
-def _fmt(values: Sequence[Any]) -> str:
-    return " / ".join("–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}" for v in values)
-
-
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    """Table 1 layout: one line per row, student(s) / teacher values side by side, paper values beside ours."""
-    head = ["row", "stages", "couples", "DS", "T"] + [f"{k} (ours)" for k in TABLE_METRICS] + [f"{k} (paper)" for k in TABLE_METRICS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in ROWS:
-        recs = [r for r in records if r["row"] == row.name]
-        if not recs:
-            continue
-        ours = [_fmt([r[k] for r in recs]) for k in TABLE_METRICS]
-        paper = [_fmt([r[f"paper_{k}"] for r in recs]) for k in TABLE_METRICS]
-        lines.append("| " + " | ".join([row.name, str(row.n_stage), recs[0]["couples"], recs[0]["DS"], f"{row.temperature:g}"] + ours + paper) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    from okdpose.files import write_csv, write_text
-
-    md, csv_path = out / "table1.md", out / "table1.csv"
-    write_text(md, "Per-stage test metrics in %, student(s) / teacher (Table 1 layout; paper values from "
-                   "Cacciatore et al. 2025 for comparison — theirs are W32, COCO-pretrained, real BabyPose).\n\n"
-               + markdown_table(records))
-    write_csv(csv_path, records)
-    return md, csv_path
 
 
 # --------------------------------------------------------------------------- CLI
@@ -327,9 +250,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
         return 0
     if not args.no_collect:
         collect(Path("."), args.out)
-    from okdpose.grid_stats import summarize_grid
+    from okdpose.grid_stats import GridDataError, summarize_grid
 
-    summarize_grid(args.out, args.out, replicates=args.replicates, seed=args.seed)
+    if not any((args.out / "runs").glob("*/meta.json")):
+        print(f"no collected grid runs in {args.out / 'runs'}: run the grid (okdpose grid queue --seeds 3 --start "
+              f"--watch) or `okdpose grid collect` after it", file=sys.stderr)
+        return 1
+    try:
+        summary = summarize_grid(args.out, args.out, replicates=args.replicates, seed=args.seed,
+                                 progress=lambda m: print(m, file=sys.stderr))
+    except GridDataError as e:
+        print(f"grid table: {e}", file=sys.stderr)
+        return 1
+    print(Path(summary["files"]["table_md"]).read_text())
+    print(f"wrote {', '.join(summary['files'].values())} ({summary['runs']} runs, {summary['timing']['seconds']} s)")
     return 0
 
 

@@ -7,7 +7,8 @@ has neither, and a grid split over several sessions would lose its earlier half.
 every finished experiment whose params set `tracking.grid_row` and writes
 
     results/grid/runs/<name>/meta.json                 row, seed, rev, baseline, commit time, params
-    results/grid/runs/<name>/eval.json, train.json     the run's metrics/eval.json and metrics/train.json
+    results/grid/runs/<name>/eval.json, train.json     the run's full evaluate / train-okd reports
+                                                       (reports/*.json; metrics/*.json before the split)
     results/grid/runs/<name>/predictions_stage{k}.json.gz   its COCO results per stage (re-evaluable)
     results/grid/test_gt.json.gz                       the test ground truth every run was scored on
 
@@ -97,8 +98,8 @@ def _write_gz(path: Path, data: bytes) -> None:
 def collect_one(repo: Path, out: Path, record: dict[str, Any]) -> Path:
     """Write one run's folder (atomically: a half-written folder is never left as collected)."""
     rev = record["rev"]
-    ev = json.loads(_show(repo, rev, "metrics/eval.json") or "{}")
-    train = _show(repo, rev, "metrics/train.json")
+    ev = json.loads(_show(repo, rev, "reports/eval.json") or _show(repo, rev, "metrics/eval.json") or "{}")
+    train = _show(repo, rev, "reports/train.json") or _show(repo, rev, "metrics/train.json")
     split = ev.get("split", "test")
     gt = _dvc_read(repo, rev, GT_PATH.format(split=split))
     record = {**record, "split": split, "gt_sha256": hashlib.sha256(gt).hexdigest()}

@@ -115,7 +115,8 @@ def _load_run(folder: Path, gt_sha: str) -> Optional[GridRun]:
                             f"truth {GT_FILE} ({gt_sha}): the run was evaluated on another test split; re-run it "
                             f"or {FIX} with the matching ground truth")
     ev = _read_json(folder / "eval.json", "eval metrics")
-    train = _read_json(folder / "train.json", "train metrics")
+    # collect copies train.json only when the experiment has one: without it, no training energy/time
+    train = _read_json(folder / "train.json", "train metrics") if (folder / "train.json").exists() else {}
     row = ROWS_BY_NAME[meta["row"]]
     for stage in row.reported_stages:
         m = ev.get(f"stage{stage}") if isinstance(ev, dict) else None
@@ -343,6 +344,8 @@ def bootstrap_comparisons(runs: Sequence[GridRun], compare: Sequence[Comparison]
     (2.5 / 97.5 percentiles), excludes_zero, seed_sd (sqrt(sd_A^2/n_A + sd_B^2/n_B): the spread of
     the difference from seeds alone, None with < 2 seeds a side), replicates. A comparison with no
     runs on a side has its n and Nones. timing: pairs, replicates, seconds, ms_per_accumulate."""
+    if replicates < 1:
+        raise ValueError(f"replicates must be >= 1, got {replicates}")
     by_row: dict[str, list[GridRun]] = {}
     for r in runs:
         by_row.setdefault(r.row, []).append(r)
@@ -384,7 +387,7 @@ def bootstrap_comparisons(runs: Sequence[GridRun], compare: Sequence[Comparison]
             sa = rng.integers(0, len(a_runs), size=(replicates, len(a_runs)))  # seeds resampled per side
             sb = rng.integers(0, len(b_runs), size=(replicates, len(b_runs)))
             diffs = np.take_along_axis(ba, sa, 1).mean(1) - np.take_along_axis(bb, sb, 1).mean(1)   # (B,)
-            lo, hi = (float(v) for v in np.percentile(diffs, [2.5, 97.5])) if replicates else (math.nan, math.nan)
+            lo, hi = (float(v) for v in np.percentile(diffs, [2.5, 97.5]))
             sd_a, sd_b = _percent_sd(fa), _percent_sd(fb)
             rec.update(a_mean=float(fa.mean()), b_mean=float(fb.mean()), diff=float(fa.mean() - fb.mean()),
                        lo=lo, hi=hi, excludes_zero=bool(lo > 0 or hi < 0), replicates=replicates,
@@ -491,11 +494,15 @@ def plot_ap_per_stage(records: Sequence[dict], path: Path) -> Path:
                         px.append(dx), py.append(r["paper_AP"])
         ax.errorbar(xs, ys, yerr=es, fmt="o", color=colors[s], capsize=3, label=f"stage {s} (ours, ± sd)")
         ax.plot(px, py, "x", color=colors[s], alpha=0.6, label=f"stage {s} (paper)")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=9)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    for x in range(len(names) - 1):
+        ax.axvline(x + 0.5, color="0.9", lw=0.8, zorder=0)     # row separators
+    ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylabel("test AP (%)")
     ax.set_title("AP per reported stage over seeds (mean ± sd); x: paper")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="best")
+    if stages:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: never hides a point
     fig.tight_layout()
     from okdpose.files import atomic_path
 

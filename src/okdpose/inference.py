@@ -11,7 +11,7 @@ unless named `hm_*` (heatmap pixels); sizes are (w, h); stages are 1-based (`mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -83,7 +83,7 @@ def _fast_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
 
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device: str | torch.device | None = None,
             flip_test: bool = False, flip_perm: Sequence[int] | np.ndarray | None = None, workers: int = 0,
-            progress: bool = False, fold_bn: bool = True) -> Predictions:
+            progress: bool = False, fold_bn: bool = True, autocast: Optional[torch.dtype] = None) -> Predictions:
     """Run `model` on every sample of `dataset` (a PoseDataset or a Subset of one) and decode every
     stage output with the dataset's codec.
 
@@ -93,7 +93,8 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
     itself); CPU inputs go channels-last. `device`: where the model is (default: where its
     parameters are; inputs are moved there). Flip test averages each output with `flip_back` of
     the mirrored input's output (flip pairs swapped, one-column shift); `flip_perm` defaults to the
-    dataset's (`JointSpec.flip_permutation()`).
+    dataset's (`JointSpec.flip_permutation()`). `autocast`: run the network under autocast to
+    this dtype (bf16 / fp16; None: fp32); the heatmaps are decoded in fp32.
     """
     base = base_dataset(dataset)
     codec: HeatmapCodec = base.codec
@@ -127,9 +128,10 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
                 batches = tqdm(loader, desc="predict", unit="batch")
             for images, target, _, meta in batches:
                 x = images.to(dev, non_blocking=True).contiguous(memory_format=input_memory_format(dev))
-                outs = _outputs(net(x))
-                if flip_test:
-                    flipped = _outputs(net(torch.flip(x, dims=[3])))
+                with torch.autocast(dev.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                    outs = [o.float() for o in _outputs(net(x))]
+                    flipped = [o.float() for o in _outputs(net(torch.flip(x, dims=[3])))] if flip_test else None
+                if flipped is not None:
                     outs = [(o + flip_back(f, flip_perm)) * 0.5 for o, f in zip(outs, flipped)]
                 if not stages:
                     stages = tuple(range(1, len(outs) + 1))

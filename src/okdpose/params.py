@@ -22,6 +22,10 @@ from okdpose.codec import OUTPUT_STRIDE, HeatmapCodec
 from okdpose.joints import JOINT_SPECS, JointSpec, get_joint_spec
 
 MAX_STAGES = 4
+# autocast of a model (`okdpose.device.autocast_dtype`): auto = bf16 where the device runs it natively
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# keys that were renamed: the loader names the new key instead of "unknown key"
+RENAMED = {"train.amp": "train.precision (auto | fp32 | bf16 | fp16; amp: true was auto on CUDA)"}
 
 
 class ParamsError(ValueError):
@@ -203,9 +207,9 @@ class TrainParams:
     workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     patience: int = 0                  # early stop after this many epochs without improvement (0: off)
-    amp: bool = True                   # CUDA only; ignored on CPU (bf16 there is slower)
+    precision: Precision = "auto"      # autocast of the forward (the loss stays fp32): auto = bf16 where native
     grad_clip: Optional[float] = None  # max gradient norm
-    channels_last: bool = False        # memory format of the model and batches (checkpoints stay contiguous)
+    channels_last: bool | Literal["auto"] = "auto"   # memory format of model and batches (checkpoints stay contiguous)
     deterministic: bool = False        # CUDA: deterministic algorithms, TF32 off (else cudnn.benchmark); CPU: no-op
     nproc_per_node: int = 1            # > 1: the stage runs itself as N data-parallel processes (torch.distributed.run)
     dist_timeout_s: int = 1800         # how long a rank waits in a collective (rank 0 validates alone meanwhile)
@@ -246,6 +250,7 @@ class EvaluateParams:
     image_thre: float = 0.0
     num_images: int = 4           # test images drawn with predicted vs ground-truth skeletons
     device: Literal["auto", "cpu", "cuda"] = "auto"   # where the model runs (auto: cuda when torch sees a GPU)
+    precision: Precision = "fp32"      # autocast of the model: fp32 (the reference), bf16, fp16 (CUDA) or auto
     # anytime (early-exit) sweep: exit thresholds τ on the confidence (0 and inf are always added)
     anytime_thresholds: tuple[float, ...] = (0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)
     anytime_confidence: Literal["mean_max", "min_max", "median_max"] = "mean_max"
@@ -526,6 +531,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    renamed = [f"{_join(where, u)} is now {RENAMED[_join(where, u)]}" for u in unknown if _join(where, u) in RENAMED]
+    if renamed:
+        raise ParamsError("; ".join(renamed))
     if unknown:
         raise ParamsError(
             f"unknown key(s) {', '.join(_join(where, u) for u in unknown)}; valid keys here: {sorted(names)}"
@@ -546,8 +554,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _convert(inner[0], value, where)
+        for a in inner:                     # e.g. bool | Literal["auto"]: the first that takes the value
+            try:
+                return _convert(a, value, where)
+            except ParamsError:
+                pass
+        kinds = [" or ".join(repr(x) for x in typing.get_args(a)) if typing.get_origin(a) is Literal
+                 else "true or false" if a is bool else getattr(a, "__name__", str(a)) for a in inner]
+        raise ParamsError(f"{where} is {value!r}; it must be {', or '.join(kinds)}")
     if origin is Literal:
         if value not in args:
             raise ParamsError(f"{where} is {value!r}; choose one of {list(args)}")

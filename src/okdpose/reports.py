@@ -1,6 +1,8 @@
-"""Training history as reports: the metrics/train.json summary, KD diagnostics, per-epoch tracking
-metrics and the plots/train tables. History records key stages by int (1-based); here they become
-the "stage{k}" names of the written files and MLflow keys.
+"""Training history as reports: the reports/train.json summary, KD diagnostics, per-epoch tracking
+metrics and the plots/train tables; and the headline subsets of the train and eval reports that
+DVC compares (metrics/train.json, metrics/eval.json: the columns of `dvc exp show`). History
+records key stages by int (1-based); here they become the "stage{k}" names of the written files
+and MLflow keys.
 
 A history record (see `okdpose.train.Trainer.fit`): epoch, lr, train {term: mean}, val
 {stage: {metric: value}}, score, images, train_seconds, val_seconds, img_per_s.
@@ -8,6 +10,7 @@ A history record (see `okdpose.train.Trainer.fit`): epoch, lr, train {term: mean
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -30,7 +33,7 @@ def named_stages(by_stage: Mapping[int, Any]) -> dict[str, Any]:
 
 def summarize(result: "TrainResult", select_stages: Sequence[int], couples: Sequence[tuple[int, int]] = (),
               keys: Sequence[str] = ("AP", "AR", "hmPCK50")) -> dict[str, Any]:
-    """metrics/train.json content: best and final val metrics per stage, and run facts; `couples`
+    """reports/train.json content: best and final val metrics per stage, and run facts; `couples`
     (1-based (student, teacher) stages of the KL terms) add the `kd` diagnostics."""
     by_epoch = {r["epoch"]: r for r in result.history}
     best, final = by_epoch[result.best_epoch], result.history[-1]
@@ -130,3 +133,51 @@ def curve_tables(history: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
         val += [{"epoch": r["epoch"], "stage": s, **m} for s, m in named.items()]
         lr.append({"epoch": r["epoch"], "lr": r["lr"]})
     return {"losses": losses, "val_ap": val_ap, "val": val, "lr": lr}
+
+
+# --------------------------------------------------------------------------- headlines (DVC metrics)
+
+_STAGE = re.compile(r"stage\d+")
+EVAL_HEADLINE = ("AP", "AR", "hmPCK50", "PCK10", "PCK20", "err_median_px", "gflops", "latency_ms")
+EVAL_ENERGY_HEADLINE = ("kwh_per_image", "g_co2eq_per_image", "measured")
+TRAIN_ENERGY_HEADLINE = ("kwh", "g_co2eq", "duration_s", "measured")
+
+
+def _pick(d: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {k: d[k] for k in keys if k in d}
+
+
+def _energy_ok(record: Any, keys: Sequence[str]) -> Optional[dict[str, Any]]:
+    """The `keys` of an energy record (`okdpose.energy`) whose status is ok, else None."""
+    if isinstance(record, Mapping) and record.get("status") == "ok":
+        return _pick(record, keys)
+    return None
+
+
+def eval_headline(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics/eval.json from the full reports/eval.json document: split, per stage{k} the
+    EVAL_HEADLINE numbers, and energy {kwh_per_image, g_co2eq_per_image, measured} of the
+    inference when its record is ok (else no energy key). The rest stays in the report."""
+    out: dict[str, Any] = _pick(doc, ("split", "precision"))
+    out.update({k: _pick(v, EVAL_HEADLINE) for k, v in doc.items() if _STAGE.fullmatch(k) and isinstance(v, Mapping)})
+    spent = _energy_ok((doc.get("energy") or {}).get("inference"), EVAL_ENERGY_HEADLINE)
+    if spent is not None:
+        out["energy"] = spent
+    return out
+
+
+def train_headline(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics/train.json from the full reports/train.json document (a trained or a given
+    model's): best {epoch, score, stage{k}: {AP}}, kd (as is), train_seconds, train_img_per_s,
+    energy {kwh, g_co2eq, duration_s, measured} when its record is ok, and mlflow_run_id (read
+    by the later stages: `okdpose.tracking.pipeline_run_id`); each only when the document has it."""
+    best = doc["best"]
+    out: dict[str, Any] = {"best": {**_pick(best, ("epoch", "score")),
+                                    **{k: _pick(v, ("AP",)) for k, v in best.items()
+                                       if _STAGE.fullmatch(k) and isinstance(v, Mapping)}}}
+    out.update(_pick(doc, ("precision", "kd", "train_seconds", "train_img_per_s")))
+    spent = _energy_ok(doc.get("energy"), TRAIN_ENERGY_HEADLINE)
+    if spent is not None:
+        out["energy"] = spent
+    out.update(_pick(doc, ("mlflow_run_id",)))
+    return out

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from okdpose import distributed
 from okdpose.data.dataset import prepare_workers
-from okdpose.device import amp_dtype, configure_backends, describe, memory_format
+from okdpose.device import autocast_dtype, channels_last_for, configure_backends, describe, memory_format
 from okdpose.distributed import DistContext
 from okdpose.fingerprint import describe_changes
 from okdpose.model.checkpoint import read_resume, save_checkpoint, save_resume
@@ -81,7 +81,7 @@ def make_validator(dataset: Dataset, gt_json: str | Path, spec: Any, *, batch_si
                    autocast: Optional[torch.dtype] = None) -> Validate:
     """validate(model) -> {stage: val metrics} through `okdpose.evaluation.evaluate_model` (the
     evaluate stage's code path): ground-truth boxes, no flip test, on `device` (where the model
-    is), under `autocast` (a dtype as the Trainer's `amp_dtype`; CUDA only, None: fp32)."""
+    is), under `autocast` (a dtype as the Trainer's `amp_dtype`; None: fp32)."""
     from okdpose.evaluation import evaluate_model
 
     path = Path(gt_json)
@@ -174,9 +174,9 @@ class Trainer:
         self.device = torch.device(self.ctx.device)
         self.last_path = Path(self.last_path) if self.last_path else None
         self.best_path = Path(self.best_path) if self.best_path else None
-        self.amp_dtype = amp_dtype(self.device, self.params.amp)     # None on CPU: fp32 (README)
+        self.amp_dtype = autocast_dtype(self.device, self.params.precision)   # auto: bf16 where native
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.memory_format = memory_format(self.params.channels_last)
+        self.memory_format = memory_format(channels_last_for(self.device, self.params.channels_last))
         self.history: list[dict[str, Any]] = []
         self.best_epoch, self.best_score, self.best_state = 0, -math.inf, None
         self.epochs_since_best, self.epoch, self.finished = 0, 0, False

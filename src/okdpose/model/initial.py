@@ -1,5 +1,5 @@
 """The model training starts from: the configured MultiOutHRNet with `model.pretrained` loaded (or
-its HRNet init), or the trained `model.checkpoint` taken as is; and what metrics/pretrain.json
+its HRNet init), or the trained `model.checkpoint` taken as is; and what reports/pretrain.json
 reports about it (source, key counts, cost).
 
     seed_everything(p.train.seed)                       # the HRNet init draws from torch's RNG
