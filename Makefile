@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # stage commands in dvc.yaml call `python`: make it the project's interpreter
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test bench browser clean-venv
+.PHONY: setup repro test bench browser exps clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ browser:
 
 bench: setup
 	$(BIN)/okdpose bench --quick
+
+# `dvc exp show` narrowed to what experiments are compared by: their names, the params that differ
+# and the test AP per stage (fits a 160-column terminal; the full table has ~60 metric columns)
+DVC := $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
+exps:
+	@$(DVC) exp show --no-pager --hide-queued --only-changed \
+	  --drop '^(?!(data|model|loss|train|evaluate|explain|export|tracking|energy)\.)' \
+	  --keep 'Experiment|Created|stage\d\.AP$$'
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # what a clone needs to run the pipeline (src/ is imported from the project through PYTHONPATH,
 # the copy is there because dvc.yaml lists its files as dependencies)
-PROJECT_FILES = ("dvc.yaml", "stages", "src", "pretrained", ".dvcignore", ".gitignore",
+PROJECT_FILES = ("dvc.yaml", "stages", "src", "pretrained", ".dvcignore", ".gitignore", "Makefile",
                  ".dvc/config", ".dvc/.gitignore", ".dvc/plots_offline.html", ".dvc/plots")
 STAGES = ("download", "preprocess", "pretrain-load", "train-okd", "evaluate", "explain", "export")
 AFTER_LOSS = ("train-okd", "evaluate", "explain", "export")          # the stages whose params include `loss`
@@ -255,6 +255,12 @@ def test_exp_run_reruns_only_the_stages_after_the_loss(repo):
     assert files == {"metrics/train.json", "metrics/eval.json"}, files
     assert {"metrics/eval.json:stage2.AP", "metrics/train.json:best.stage2.AP", "metrics/train.json:kd.kl"} <= columns
     assert len(columns) < 40, sorted(columns)
+    # what a user sees in a 160-column terminal (README: `make exps`): the name, the changed param, AP per stage
+    table = subprocess.run(["make", "-s", "exps"], cwd=repo, env={**subprocess_env(), "COLUMNS": "160"},
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    assert all(k in header for k in ("stage1.AP", "stage2.AP", "loss.kld_weight")) and "…" not in header, table
+    assert name in table and "0.5" in table, table
 
     runs = runs_by_name(repo)
     assert name in runs, list(runs)

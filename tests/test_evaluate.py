@@ -183,3 +183,27 @@ def test_cuda_without_gpu_stops_naming_the_param(tmp_path, tiny_prepared, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="evaluate.device is 'cuda' but torch sees no GPU"):
         run_stage(tmp_path, monkeypatch)
+
+
+def test_bf16_evaluation_says_how_far_it_moved_the_keypoints(tmp_path, tiny_prepared, monkeypatch):
+    # bf16 runs on any CPU (emulated where it has no bf16 units); fp32 is the default and records no shift
+    setup_root(tmp_path, tiny_prepared, precision="bf16")
+    report = run_stage(tmp_path, monkeypatch)
+    assert report["precision"] == "bf16" and report["precision_asked"] == "bf16"
+    assert json.loads((tmp_path / "metrics" / "eval.json").read_text())["precision"] == "bf16"
+    shift = report["precision_shift_px"]
+    assert set(shift) == {"stage1", "stage2"}
+    for s in shift.values():
+        assert 0 <= s["mean_px"] <= s["max_px"] and 0 <= s["moved"] <= 1
+    fp32 = tmp_path / "fp32"
+    fp32.mkdir()
+    setup_root(fp32, tiny_prepared)
+    report = run_stage(fp32, monkeypatch)
+    assert report["precision"] == "fp32" and "precision_shift_px" not in report
+
+
+def test_fp16_on_the_cpu_is_refused_naming_the_param(tmp_path, tiny_prepared, monkeypatch):
+    setup_root(tmp_path, tiny_prepared, precision="fp16")
+    with pytest.raises(SystemExit) as e:
+        run_stage(tmp_path, monkeypatch)
+    assert "evaluate.precision is fp16, which runs on CUDA only" in str(e.value)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
 from okdpose.anytime import anytime_curve, exit_costs
 from okdpose.data.dataset import PoseDataset
 from okdpose.device import precision_record
@@ -69,6 +71,14 @@ def _finite(m: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()}
 
 
+def precision_shift(preds: Predictions, ref: Predictions) -> dict[str, dict[str, float]]:
+    """Per stage: mean / max distance (frame px) of each decoded joint from its fp32 position
+    `ref` (same crops), and the share of joints that moved at all."""
+    d = np.linalg.norm(preds.coords - ref.coords, axis=-1)          # (S, N, J)
+    return {f"stage{k}": {"mean_px": round(float(d[i].mean()), 4), "max_px": round(float(d[i].max()), 4),
+                          "moved": round(float((d[i] > 0).mean()), 4)} for i, k in enumerate(preds.stages)}
+
+
 def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", spec: JointSpec, prepared: Path, *,
                    device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5,
                    energy: "Optional[EnergyParams]" = None, autocast: "Optional[torch.dtype]" = None) -> EvalRun:
@@ -90,6 +100,10 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
     else:
         preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
                                   progress=progress, autocast=autocast)
+    shift = None
+    if autocast is not None:     # not traded silently: how far the lower precision moved the keypoints
+        ref = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test)
+        shift = precision_shift(preds, ref)
     options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
                    oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
     if not gt_path.is_file():
@@ -107,6 +121,8 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
             kind=e.anytime_confidence)
     flags = {"split": e.split, "use_gt_bbox": e.use_gt_bbox, "flip_test": e.flip_test,
              **precision_record(device, autocast, e.precision)}
+    if shift is not None:
+        flags["precision_shift_px"] = shift
     return EvalRun(ds, preds, report, stages, curve, flags, e.anytime_confidence,
                    energy={"inference": record} if record else None)
 
