@@ -51,7 +51,7 @@ bench: setup
 DVC := $(if $(wildcard $(BIN)/dvc),$(BIN)/dvc,dvc)
 exps:
 	@$(DVC) exp show --no-pager --hide-queued --only-changed \
-	  --drop '^(?!(data|model|loss|train|evaluate|explain|export|tracking|energy)\.)' \
+	  --drop '^(?!(data|model|loss|train|evaluate|explain|export|tracking)\.)|^energy\.' \
 	  --keep 'Experiment|Created|stage\d\.AP$$'
 
 clean-venv:

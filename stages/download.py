@@ -3,12 +3,15 @@ layout (built-in synthetic frames, a local folder, an archive, or an http(s) URL
 The folder is built beside the target and renamed into place only once it validates."""
 from __future__ import annotations
 
-import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
+import sys
+from pathlib import Path
+
+# this tree's okdpose before an installed (editable) copy: a queued `dvc exp run` runs the stage in a
+# copy of the repository whose src/ is the code it was queued with (README "grid"; test_this_tree.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import os
-import sys
 import time
-from pathlib import Path
 
 from okdpose.data.fetch import FetchError, fetch_raw
 from okdpose.data.layout import LayoutError

@@ -7,11 +7,14 @@ stages.csv (scores per stage and method), results/explain/<image>.npz (raw maps)
 reports/explain.json (means per stage and method) and logs them into the training MLflow run."""
 from __future__ import annotations
 
-import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
-
-import logging
 import sys
 from pathlib import Path
+
+# this tree's okdpose before an installed (editable) copy: a queued `dvc exp run` runs the stage in a
+# copy of the repository whose src/ is the code it was queued with (README "grid"; test_this_tree.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import logging
 
 import numpy as np
 import torch

@@ -8,11 +8,14 @@ the teacher's, speed-up next to FLOP ratio; the numbers are logged into the trai
 (`mlflow_run_id` of metrics/train.json) when there is one."""
 from __future__ import annotations
 
-import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
-
-import logging
 import sys
 from pathlib import Path
+
+# this tree's okdpose before an installed (editable) copy: a queued `dvc exp run` runs the stage in a
+# copy of the repository whose src/ is the code it was queued with (README "grid"; test_this_tree.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import logging
 
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset

@@ -3,11 +3,14 @@ ground truth, cached crops), reports/data.json (counts, visibility, box statisti
 records) and plots/data/*.png (frames and crops with the ground-truth skeleton)."""
 from __future__ import annotations
 
-import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
-
 import sys
-import time
 from pathlib import Path
+
+# this tree's okdpose before an installed (editable) copy: a queued `dvc exp run` runs the stage in a
+# copy of the repository whose src/ is the code it was queued with (README "grid"; test_this_tree.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import time
 
 from okdpose.data.coco import DataError, prepare_dataset, preview
 from okdpose.data.layout import LayoutError

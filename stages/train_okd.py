@@ -11,12 +11,15 @@ on CPU, nccl on CUDA; train.batch_size is per process (global batch N x batch_si
 validates and writes."""
 from __future__ import annotations
 
-import _this_tree  # noqa: F401  (first: this tree's okdpose, also in a queued experiment's copy)
+import sys
+from pathlib import Path
+
+# this tree's okdpose before an installed (editable) copy: a queued `dvc exp run` runs the stage in a
+# copy of the repository whose src/ is the code it was queued with (README "grid"; test_this_tree.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import logging
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 

@@ -2,15 +2,10 @@
 prepared once per test session; tests that modify it work on copies."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-# stage scripts start with `import _this_tree` (stages/_this_tree.py); `python stages/x.py` finds
-# it beside the script, tests that load a stage with runpy.run_path find it here
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 
 from okdpose.data.coco import prepare_dataset
 from okdpose.data.fetch import fetch_raw
