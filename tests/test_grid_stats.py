@@ -306,3 +306,14 @@ def test_report_files_and_plot(tmp_path, gt):
 def test_write_report_with_no_runs(tmp_path):
     files = write_report(tmp_path, aggregate([]), [], note="empty")
     assert files["plot"].stat().st_size > 1000 and "empty" in files["table_md"].read_text()
+
+
+def test_one_seed_intervals_are_flagged_as_images_only(tmp_path, gt):
+    root = tmp_path / "grid"
+    write_gt(root, gt)
+    make_run(root, gt, "HRNet3", 0, stages_of("HRNet3", noisy(gt, 6.0, 0)))
+    make_run(root, gt, "HRNet4-OKD", 0, stages_of("HRNet4-OKD", noisy(gt, 2.0, 1)))
+    summarize_grid(root, root, replicates=30)
+    md = (root / "table.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| HRNet4-OKD s3 vs HRNet3 s3"))
+    assert "¹" in line and "covers the test images only" in md

@@ -449,12 +449,18 @@ def markdown_report(records: Sequence[dict], compared: Sequence[dict], note: str
               "resampled, shared by both sides; seeds resampled per side); seed sd: the difference's spread from "
               "seeds alone.", "",
               "| comparison | kind | n A / n B | ΔAP [2.5%, 97.5%] | seed sd | excludes 0 |", "|---|---|---|---|---|---|"]
+    one_seed = False
     for c in compared:
         if c["diff"] is None:
             cell, mark = "– (no runs)", "–"
         else:
             cell, mark = f"{c['diff']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}]", "✓" if c["excludes_zero"] else "✗"
+            if min(c["n_a"], c["n_b"]) < 2:      # one seed on a side: its seed spread cannot be in the interval
+                cell, one_seed = cell + " ¹", True
         lines.append(f"| {c['label']} | {c['kind']} | {c['n_a']} / {c['n_b']} | {cell} | {_f(c['seed_sd'])} | {mark} |")
+    if one_seed:
+        lines += ["", "¹ one seed on a side: the interval covers the test images only, not the seed-to-seed spread "
+                      "(which at this scale can be several AP points); read it as a lower bound on the uncertainty."]
     modes = sorted({m for r in records if r["energy_mode"] for m in r["energy_mode"].split("; ")})
     measured = [r["energy_measured"] for r in records if r["energy_measured"] is not None]
     if not modes:
