@@ -34,13 +34,14 @@ from okdpose.inference import Predictions
 from okdpose.joints import JointSpec
 from okdpose.model.cost import stage_costs_table
 from okdpose.model.multi_out import MultiOutHRNet
+from okdpose.params import EnergyParams
 from okdpose.reports import eval_headline
 from okdpose.viz import pose_examples, write_png_palette
 
 if TYPE_CHECKING:
     import torch
 
-    from okdpose.params import DataParams, EnergyParams, EvaluateParams
+    from okdpose.params import DataParams, EvaluateParams
 
 
 @dataclass
@@ -88,18 +89,16 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
     `autocast`: the predictions' precision (`okdpose.device.autocast_dtype` of evaluate.precision)."""
     gt_path = prepared / f"{e.split}_gt.json"
     ds = PoseDataset(prepared, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
+    # energy off (None): the same call, measured by nothing and recorded nowhere
+    with measure_energy(energy or EnergyParams(enabled=False), "inference") as meter:
+        preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
+                                  progress=progress, autocast=autocast)
     record = None
     if energy is not None:
-        with measure_energy(energy, "inference") as meter:
-            preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
-                                      progress=progress, autocast=autocast)
         n = len(ds)
         record = {**meter.record, "images": n, "batch_size": e.batch_size}
         if meter.record.get("status") == "ok":
             record.update(kwh_per_image=meter.per_item(n), g_co2eq_per_image=meter.per_item(n, "g_co2eq"))
-    else:
-        preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
-                                  progress=progress, autocast=autocast)
     shift = None
     if autocast is not None:     # not traded silently: how far the lower precision moved the keypoints
         ref = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test)
