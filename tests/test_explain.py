@@ -242,3 +242,26 @@ def test_overlay_grid_and_palette_png(tmp_path):
     write_png_palette(tmp_path / "x.png", grid)
     back = cv2.imread(str(tmp_path / "x.png"))
     assert back.shape == grid.shape and np.abs(back.astype(int) - grid).mean() < 3
+
+
+def test_projection_runs_blas_on_one_thread_and_scans_libraries_once(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import okdpose.explain as explain
+
+    seen = []
+    real_svd = np.linalg.svd
+
+    def svd(a, *args, **kwargs):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return real_svd(a, *args, **kwargs)
+
+    monkeypatch.setattr(np.linalg, "svd", svd)
+    before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    acts = np.random.default_rng(0).standard_normal((2, 4, 6, 5)).astype(np.float32)
+    economy_2d_projection(acts)
+    controller = explain._BLAS
+    economy_2d_projection(acts)
+    assert controller is not None and explain._BLAS is controller     # one scan per process
+    assert seen and all(n == 1 for threads in seen for n in threads)
+    assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before

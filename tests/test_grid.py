@@ -35,13 +35,16 @@ def test_queue_command_values_parse_back_as_yaml():
     assert queue_command(ROWS_BY_NAME["HRNet2"], target=None)[-1] != "evaluate"
 
 
-def test_queue_is_seed_major_and_skips_collected_runs(tmp_path, capsys):
+def test_queue_is_seed_major_and_skips_collected_and_pending_runs(tmp_path, capsys, monkeypatch):
     (tmp_path / "runs" / "HRNet3-s0").mkdir(parents=True)
     (tmp_path / "runs" / "HRNet3-s0" / "meta.json").write_text("{}")
+    monkeypatch.setattr(grid, "pending_names", lambda: {"HRNet2-s1"})   # queued by an earlier session
     assert grid.main(["queue", "--seeds", "2", "--rows", "HRNet2", "HRNet3", "--dry-run",
                       "--skip-collected", str(tmp_path)]) == 0
-    names = [line.split()[5] for line in capsys.readouterr().out.splitlines()]
-    assert names == ["HRNet2-s0", "HRNet2-s1", "HRNet3-s1"]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[5] for line in lines if line.startswith("dvc ")] == ["HRNet2-s0", "HRNet3-s1"]
+    assert [line for line in lines if not line.startswith("dvc ")] == \
+        ["HRNet2-s1: already queued or running (dvc queue status), not queued again"]
     with pytest.raises(SystemExit):
         grid.main(["queue", "--seeds", "0", "--dry-run"])
 
@@ -82,6 +85,20 @@ def test_queue_counts_reads_dvc_queue_status():
     assert grid.queue_counts(STATUS.format(a="Running", b="Queued", c="Queued")) == \
         {"Running": 1, "Queued": 2, "Failed": 1}
     assert grid.queue_counts("Task     Name    Created    Status\n\nWorker status: 0 active, 0 idle\n") == {}
+
+
+def test_pending_names_are_the_queued_and_running_tasks():
+    import subprocess
+
+    class Done:
+        stdout = STATUS.format(a="Running", b="Success", c="Queued")
+
+    assert grid.pending_names(lambda *a, **k: Done()) == {"HRNet4-OKD", "HRNet4-MSOKD-DS"}
+
+    def fails(*a, **k):
+        raise subprocess.CalledProcessError(1, a[0])
+
+    assert grid.pending_names(fails) == set()        # no DVC repo / no queue: nothing pending
 
 
 def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():

@@ -127,17 +127,35 @@ def select_rows(names: Iterable[str] | None) -> list[GridRow]:
 
 # --------------------------------------------------------------------------- CLI
 
-def queue_counts(status: str) -> dict[str, int]:
-    """`dvc queue status` text -> {status: number of tasks} (Queued, Running, Success, Failed, ...)."""
-    counts: dict[str, int] = {}
+def queue_tasks(status: str) -> list[tuple[str, str]]:
+    """`dvc queue status` text -> [(experiment name, status)] (Queued, Running, Success, Failed, ...)."""
+    tasks: list[tuple[str, str]] = []
     lines = status.splitlines()
     start = next((i + 1 for i, line in enumerate(lines) if line.split()[:2] == ["Task", "Name"]), len(lines))
     for line in lines[start:]:
         if not line.strip() or line.startswith("Worker status"):
             break
-        state = line.split()[-1]
+        fields = line.split()
+        tasks.append((fields[1] if len(fields) > 2 else "", fields[-1]))
+    return tasks
+
+
+def queue_counts(status: str) -> dict[str, int]:
+    """`dvc queue status` text -> {status: number of tasks}."""
+    counts: dict[str, int] = {}
+    for _, state in queue_tasks(status):
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+def pending_names(run: Any = subprocess.run) -> set[str]:
+    """Names of the experiments DVC's queue holds as Queued or Running (empty if it cannot say):
+    queueing a name twice would run it twice, as DVC accepts duplicate names."""
+    try:
+        out = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return set()
+    return {name for name, state in queue_tasks(out) if state in ("Queued", "Running")}
 
 
 def worker_env(threads: Optional[int]) -> Optional[dict[str, str]]:
@@ -225,10 +243,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
         done = set()
         if args.skip_collected:
             done = {p.name for p in (args.skip_collected / "runs").glob("*") if (p / "meta.json").is_file()}
+        pending = pending_names()
         target = None if args.all_stages else GRID_TARGET
         for seed in range(args.first_seed, args.first_seed + args.seeds):   # seed-major: every row gets seed 0 first
             for row in select_rows(args.rows):
-                if run_name(row, seed, args.prefix) in done:
+                name = run_name(row, seed, args.prefix)
+                if name in done:
+                    continue
+                if name in pending:
+                    print(f"{name}: already queued or running (dvc queue status), not queued again")
                     continue
                 cmd = queue_command(row, args.prefix, args.set_param, seed=seed, target=target)
                 print(" ".join(shlex.quote(c) for c in cmd))
