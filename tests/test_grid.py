@@ -91,7 +91,7 @@ def test_pending_names_are_the_queued_and_running_tasks():
     import subprocess
 
     class Done:
-        stdout = STATUS.format(a="Running", b="Success", c="Queued")
+        stdout = STATUS.format(a="Running", b="Success", c="Queued").replace("0 active", "1 active")
 
     assert grid.pending_names(lambda *a, **k: Done()) == {"HRNet4-OKD", "HRNet4-MSOKD-DS"}
 
@@ -115,7 +115,8 @@ def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
         calls.append(cmd[1:])
         if cmd[1:3] == ["queue", "status"]:
             a, b, c = next(states)
-            return Done(STATUS.format(a=a, b=b, c=c))
+            active = (a, b, c).count("Running")           # a worker runs each running task
+            return Done(STATUS.format(a=a, b=b, c=c).replace("0 active", f"{active} active"))
         return Done()
 
     checks = []
@@ -126,3 +127,30 @@ def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
     starts = [c for c in calls if c[:2] == ["queue", "start"]]
     # only while fewer than 2 run and tasks wait; -j is the total (DVC starts the numbered workers not alive)
     assert starts == [["queue", "start", "-j", "2"]]
+
+
+def test_running_tasks_without_an_active_worker_are_stale_not_running():
+    # a session ended mid-grid: its two tasks stay "Running" with no worker; they must not block the queue
+    stale = STATUS.format(a="Running", b="Running", c="Queued")
+    assert grid.stale_running(stale) == ["HRNet4-OKD", "HRNet4-OKD-DS"]
+    assert grid.stale_running(stale.replace("0 active", "2 active")) == []
+    assert grid.active_workers("no worker line") is None and grid.stale_running("no worker line") == []
+
+    class Done:
+        def __init__(self, stdout=""):
+            self.stdout = stdout
+
+    assert grid.pending_names(lambda *a, **k: Done(stale)) == {"HRNet4-MSOKD-DS"}   # stale ones can be re-queued
+    states = iter([stale, stale.replace("0 active", "1 active").replace("Queued", "Running"),
+                   STATUS.format(a="Running", b="Running", c="Success")])   # the last: nothing runs any more
+    calls, logs = [], []
+
+    def run(cmd, **kw):
+        calls.append(cmd[1:])
+        return Done(next(states)) if cmd[1:3] == ["queue", "status"] else Done()
+
+    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=logs.append)
+    assert counts["Running"] == 2                      # returns: only stale tasks are left
+    assert [c for c in calls if c[:2] == ["queue", "start"]] == [["queue", "start", "-j", "2"]]
+    warnings = [m for m in logs if "no active worker" in m]
+    assert len(warnings) == 1 and "dvc queue kill 8f0ae7f e6299a0" in warnings[0]

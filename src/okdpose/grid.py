@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -148,14 +149,29 @@ def queue_counts(status: str) -> dict[str, int]:
     return counts
 
 
+def active_workers(status: str) -> Optional[int]:
+    """The `N active` of `dvc queue status`'s "Worker status: N active, M idle" (None if absent)."""
+    m = re.search(r"Worker status:\s*(\d+) active", status)
+    return int(m.group(1)) if m else None
+
+
+def stale_running(status: str) -> list[str]:
+    """Tasks marked Running while no worker is active: left by a session that ended mid-run (their
+    processes are gone, DVC never updated them). They would block `watch` and `--skip-collected`."""
+    if active_workers(status) != 0:
+        return []
+    return [name for name, state in queue_tasks(status) if state == "Running"]
+
+
 def pending_names(run: Any = subprocess.run) -> set[str]:
-    """Names of the experiments DVC's queue holds as Queued or Running (empty if it cannot say):
-    queueing a name twice would run it twice, as DVC accepts duplicate names."""
+    """Names of the experiments DVC's queue holds as Queued or really Running (not `stale_running`;
+    empty if it cannot say): queueing a name twice would run it twice, as DVC accepts duplicates."""
     try:
         out = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return set()
-    return {name for name, state in queue_tasks(out) if state in ("Queued", "Running")}
+    stale = set(stale_running(out))
+    return {name for name, state in queue_tasks(out) if state in ("Queued", "Running") and name not in stale}
 
 
 def worker_env(threads: Optional[int]) -> Optional[dict[str, str]]:
@@ -179,12 +195,20 @@ def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sl
     `interval` s, when fewer than `jobs` tasks run and some are queued, `dvc queue start -j jobs`
     (DVC numbers its workers 1..jobs and starts only those not alive); `on_check()` runs at every
     check (the grid collects its finished runs there). -> the final counts."""
+    warned: set[str] = set()
     while True:
         status = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
         counts = queue_counts(status)
         if on_check is not None:
             on_check()
-        running, queued = counts.get("Running", 0), counts.get("Queued", 0)
+        stale = stale_running(status)
+        if set(stale) - warned:
+            ids = [line.split()[0] for line in status.splitlines() if line.split()[1:2] and line.split()[1] in stale]
+            log(f"grid watch: {', '.join(stale)} marked Running with no active worker (left by a session that "
+                f"ended): not counted as running; clear with `dvc queue kill {' '.join(ids)}` and queue them "
+                f"again with `okdpose grid queue --skip-collected ...`")
+            warned |= set(stale)
+        running, queued = counts.get("Running", 0) - len(stale), counts.get("Queued", 0)
         if not running and not queued:
             log(f"grid watch: queue empty ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'no tasks'})")
             return counts
