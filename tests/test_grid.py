@@ -91,14 +91,17 @@ def test_pending_names_are_the_queued_and_running_tasks():
     import subprocess
 
     class Done:
-        stdout = STATUS.format(a="Running", b="Success", c="Queued").replace("0 active", "1 active")
+        stdout = STATUS.format(a="Running", b="Success", c="Queued")
 
-    assert grid.pending_names(lambda *a, **k: Done()) == {"HRNet4-OKD", "HRNet4-MSOKD-DS"}
+    alive = {"8f0ae7f0d2c44e0f8f0ae7f0d2c44e0f8f0ae7f0"}               # HRNet4-OKD's experiment process runs
+    assert grid.pending_names(lambda *a, **k: Done(), live=lambda: alive) == {"HRNet4-OKD", "HRNet4-MSOKD-DS"}
+    assert grid.pending_names(lambda *a, **k: Done(), live=lambda: set()) == {"HRNet4-MSOKD-DS"}   # stale
+    assert grid.pending_names(lambda *a, **k: Done(), live=lambda: None) == {"HRNet4-OKD", "HRNet4-MSOKD-DS"}
 
     def fails(*a, **k):
         raise subprocess.CalledProcessError(1, a[0])
 
-    assert grid.pending_names(fails) == set()        # no DVC repo / no queue: nothing pending
+    assert grid.pending_names(fails, live=lambda: None) == set()    # no DVC repo / no queue: nothing pending
 
 
 def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
@@ -121,7 +124,7 @@ def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
 
     checks = []
     counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=lambda s: None,
-                              on_check=lambda: checks.append(1))
+                              on_check=lambda: checks.append(1), live=lambda: None)
     assert counts == {"Success": 3, "Failed": 1}
     assert len(checks) == 4                    # finished runs are collected at every check, the last one too
     starts = [c for c in calls if c[:2] == ["queue", "start"]]
@@ -129,28 +132,46 @@ def test_watch_restarts_workers_that_dvc_stopped_until_the_queue_is_empty():
     assert starts == [["queue", "start", "-j", "2"]]
 
 
-def test_running_tasks_without_an_active_worker_are_stale_not_running():
-    # a session ended mid-grid: its two tasks stay "Running" with no worker; they must not block the queue
+def test_live_experiments_are_read_from_their_exec_run_processes(tmp_path):
+    def proc(pid, *args):
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
+
+    rev = "f3c13d317ca86d968fdc41aa3fd1a5f23b4d56b4"
+    proc("31394", "/venv/bin/python", "/venv/bin/dvc", "exp", "exec-run", "--infofile",
+         f"/repo/.dvc/tmp/exps/run/{rev}/{rev}.run")
+    proc("31402", "python", "stages/train_okd.py")
+    proc("13312", "/venv/bin/python", "/venv/bin/dvc", "exp", "queue-worker", "dvc-exp-cde9b5-2@localhost")
+    (tmp_path / "999").mkdir()                          # a process that ended while being read: no cmdline
+    assert grid.live_experiment_revs(tmp_path) == {rev}
+    assert grid.live_experiment_revs(tmp_path / "absent") is None
+
+
+def test_running_tasks_whose_process_is_gone_are_stale_not_running():
+    # a session ended mid-grid: its two tasks stay "Running"; they must not block the queue. DVC's
+    # "Worker status" is no evidence either way: it said "0 active" while a task was training.
     stale = STATUS.format(a="Running", b="Running", c="Queued")
-    assert grid.stale_running(stale) == ["HRNet4-OKD", "HRNet4-OKD-DS"]
-    assert grid.stale_running(stale.replace("0 active", "2 active")) == []
-    assert grid.active_workers("no worker line") is None and grid.stale_running("no worker line") == []
+    okd_alive = {"8f0ae7f" + "0" * 33}
+    assert grid.stale_running(stale, set()) == [("8f0ae7f", "HRNet4-OKD"), ("e6299a0", "HRNet4-OKD-DS")]
+    assert grid.stale_running(stale, okd_alive) == [("e6299a0", "HRNet4-OKD-DS")]
+    assert grid.stale_running(stale, None) == []        # no /proc: nothing is called stale
 
     class Done:
         def __init__(self, stdout=""):
             self.stdout = stdout
 
-    assert grid.pending_names(lambda *a, **k: Done(stale)) == {"HRNet4-MSOKD-DS"}   # stale ones can be re-queued
-    states = iter([stale, stale.replace("0 active", "1 active").replace("Queued", "Running"),
+    assert grid.pending_names(lambda *a, **k: Done(stale), live=lambda: set()) == {"HRNet4-MSOKD-DS"}
+    states = iter([stale, STATUS.format(a="Running", b="Running", c="Running"),
                    STATUS.format(a="Running", b="Running", c="Success")])   # the last: nothing runs any more
+    lives = iter([set(), {"ce8f232" + "0" * 33}, set()])
     calls, logs = [], []
 
     def run(cmd, **kw):
         calls.append(cmd[1:])
         return Done(next(states)) if cmd[1:3] == ["queue", "status"] else Done()
 
-    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=logs.append)
+    counts = grid.watch_queue(2, interval=0, run=run, sleep=lambda s: None, log=logs.append, live=lambda: next(lives))
     assert counts["Running"] == 2                      # returns: only stale tasks are left
     assert [c for c in calls if c[:2] == ["queue", "start"]] == [["queue", "start", "-j", "2"]]
-    warnings = [m for m in logs if "no active worker" in m]
+    warnings = [m for m in logs if "no experiment process" in m]
     assert len(warnings) == 1 and "dvc queue kill 8f0ae7f e6299a0" in warnings[0]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -128,50 +127,63 @@ def select_rows(names: Iterable[str] | None) -> list[GridRow]:
 
 # --------------------------------------------------------------------------- CLI
 
-def queue_tasks(status: str) -> list[tuple[str, str]]:
-    """`dvc queue status` text -> [(experiment name, status)] (Queued, Running, Success, Failed, ...)."""
-    tasks: list[tuple[str, str]] = []
+def queue_tasks(status: str) -> list[tuple[str, str, str]]:
+    """`dvc queue status` text -> [(task id, experiment name, status)] (Queued, Running, Success, ...)."""
+    tasks: list[tuple[str, str, str]] = []
     lines = status.splitlines()
     start = next((i + 1 for i, line in enumerate(lines) if line.split()[:2] == ["Task", "Name"]), len(lines))
     for line in lines[start:]:
         if not line.strip() or line.startswith("Worker status"):
             break
         fields = line.split()
-        tasks.append((fields[1] if len(fields) > 2 else "", fields[-1]))
+        tasks.append((fields[0], fields[1] if len(fields) > 2 else "", fields[-1]))
     return tasks
 
 
 def queue_counts(status: str) -> dict[str, int]:
     """`dvc queue status` text -> {status: number of tasks}."""
     counts: dict[str, int] = {}
-    for _, state in queue_tasks(status):
+    for _, _, state in queue_tasks(status):
         counts[state] = counts.get(state, 0) + 1
     return counts
 
 
-def active_workers(status: str) -> Optional[int]:
-    """The `N active` of `dvc queue status`'s "Worker status: N active, M idle" (None if absent)."""
-    m = re.search(r"Worker status:\s*(\d+) active", status)
-    return int(m.group(1)) if m else None
+def live_experiment_revs(proc: Path = Path("/proc")) -> Optional[set[str]]:
+    """Full revs of the experiments whose `dvc exp exec-run --infofile .../<rev>.run` process is alive
+    on this machine (None where `proc` cannot be read: then nothing is called stale). Processes, not
+    `dvc queue status`'s "Worker status" line: it said "0 active" while a task was training."""
+    if not proc.is_dir():
+        return None
+    revs: set[str] = set()
+    for entry in proc.glob("[0-9]*"):
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:          # the process ended meanwhile, or is not ours to read
+            continue
+        if b"exec-run" in args:
+            revs |= {Path(a.decode(errors="replace")).stem for a in args if a.endswith(b".run")}
+    return revs
 
 
-def stale_running(status: str) -> list[str]:
-    """Tasks marked Running while no worker is active: left by a session that ended mid-run (their
-    processes are gone, DVC never updated them). They would block `watch` and `--skip-collected`."""
-    if active_workers(status) != 0:
+def stale_running(status: str, live: Optional[set[str]]) -> list[tuple[str, str]]:
+    """[(task id, name)] of the tasks marked Running whose experiment process is gone (`live`: from
+    `live_experiment_revs`; None = unknown, nothing is stale): left by a session that ended mid-run,
+    DVC never updates them, and they would block `watch` and `--skip-collected`."""
+    if live is None:
         return []
-    return [name for name, state in queue_tasks(status) if state == "Running"]
+    return [(task, name) for task, name, state in queue_tasks(status)
+            if state == "Running" and not any(rev.startswith(task) for rev in live)]
 
 
-def pending_names(run: Any = subprocess.run) -> set[str]:
+def pending_names(run: Any = subprocess.run, live: Any = live_experiment_revs) -> set[str]:
     """Names of the experiments DVC's queue holds as Queued or really Running (not `stale_running`;
     empty if it cannot say): queueing a name twice would run it twice, as DVC accepts duplicates."""
     try:
         out = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return set()
-    stale = set(stale_running(out))
-    return {name for name, state in queue_tasks(out) if state in ("Queued", "Running") and name not in stale}
+    stale = {task for task, _ in stale_running(out, live())}
+    return {name for task, name, state in queue_tasks(out) if state in ("Queued", "Running") and task not in stale}
 
 
 def worker_env(threads: Optional[int]) -> Optional[dict[str, str]]:
@@ -189,7 +201,8 @@ def start_queue(jobs: int, threads: Optional[int], run: Any = subprocess.run) ->
 
 
 def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sleep: Any = time.sleep,
-                log: Any = print, threads: Optional[int] = None, on_check: Any = None) -> dict[str, int]:
+                log: Any = print, threads: Optional[int] = None, on_check: Any = None,
+                live: Any = live_experiment_revs) -> dict[str, int]:
     """Keep `jobs` experiments running until nothing is queued: DVC's queue workers can stop while
     tasks are still queued (treeverse/dvc#10562), which left most of an overnight grid unrun. Every
     `interval` s, when fewer than `jobs` tasks run and some are queued, `dvc queue start -j jobs`
@@ -201,13 +214,12 @@ def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sl
         counts = queue_counts(status)
         if on_check is not None:
             on_check()
-        stale = stale_running(status)
-        if set(stale) - warned:
-            ids = [line.split()[0] for line in status.splitlines() if line.split()[1:2] and line.split()[1] in stale]
-            log(f"grid watch: {', '.join(stale)} marked Running with no active worker (left by a session that "
-                f"ended): not counted as running; clear with `dvc queue kill {' '.join(ids)}` and queue them "
-                f"again with `okdpose grid queue --skip-collected ...`")
-            warned |= set(stale)
+        stale = stale_running(status, live())
+        if {task for task, _ in stale} - warned:
+            log(f"grid watch: {', '.join(n for _, n in stale)} marked Running but no experiment process is alive "
+                f"(left by a session that ended): not counted as running; clear with `dvc queue kill "
+                f"{' '.join(t for t, _ in stale)}` and queue them again with `okdpose grid queue --skip-collected ...`")
+            warned |= {task for task, _ in stale}
         running, queued = counts.get("Running", 0) - len(stale), counts.get("Queued", 0)
         if not running and not queued:
             log(f"grid watch: queue empty ({', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'no tasks'})")
