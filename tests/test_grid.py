@@ -161,9 +161,10 @@ def test_running_tasks_whose_process_is_gone_are_stale_not_running():
             self.stdout = stdout
 
     assert grid.pending_names(lambda *a, **k: Done(stale), live=lambda: set()) == {"HRNet4-MSOKD-DS"}
-    states = iter([stale, STATUS.format(a="Running", b="Running", c="Running"),
+    # stale at two checks in a row (a task just taken is Running before its process starts)
+    states = iter([stale, stale, STATUS.format(a="Running", b="Running", c="Running"),
                    STATUS.format(a="Running", b="Running", c="Success")])   # the last: nothing runs any more
-    lives = iter([set(), {"ce8f232" + "0" * 33}, set()])
+    lives = iter([set(), set(), {"ce8f232" + "0" * 33}, set()])
     calls, logs = [], []
 
     def run(cmd, **kw):

@@ -209,12 +209,16 @@ def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sl
     (DVC numbers its workers 1..jobs and starts only those not alive); `on_check()` runs at every
     check (the grid collects its finished runs there). -> the final counts."""
     warned: set[str] = set()
+    suspects: set[str] = set()
     while True:
         status = run(["dvc", "queue", "status"], check=True, capture_output=True, text=True).stdout
         counts = queue_counts(status)
         if on_check is not None:
             on_check()
-        stale = stale_running(status, live())
+        # stale only when so at two checks in a row: a task just taken is Running before its process starts
+        now = stale_running(status, live())
+        stale = [(task, name) for task, name in now if task in suspects]
+        suspects = {task for task, _ in now}
         if {task for task, _ in stale} - warned:
             log(f"grid watch: {', '.join(n for _, n in stale)} marked Running but no experiment process is alive "
                 f"(left by a session that ended): not counted as running; clear with `dvc queue kill "
