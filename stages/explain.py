@@ -22,8 +22,8 @@ import torch
 from okdpose.cam_scores import score_report, stage_table
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
-from okdpose.device import describe, resolve_device
-from okdpose.explain import LayerError, cam_targets, explain_samples
+from okdpose.device import autocast_dtype, describe, precision_record, resolve_device
+from okdpose.explain import LayerError, cam_targets, explain_samples, precision_shift
 from okdpose.files import atomic_dir, write_csv, write_json
 from okdpose.keypoint_cam import CLASS_AGNOSTIC, explain_methods
 from okdpose.model import CheckpointError, load_model
@@ -42,15 +42,16 @@ def main() -> None:
     e, d = p.explain, p.data
     model, _ = load_model(MODEL, expect=p.model_config(), fix="train the model first (dvc repro train-okd)")
     device = resolve_device(e.device, "explain.device")
-    logging.info("explain: %s", describe(device, None, torch.contiguous_format))
+    dtype = autocast_dtype(device, e.precision, key="explain.precision")
+    logging.info("explain: %s", describe(device, dtype, torch.contiguous_format))
     model.to(device)                 # the crops follow the model (grad-cam moves them), the maps come back to the CPU
     ds = PoseDataset(PREPARED, e.split, d.joint_spec, d.codec)
     rows = np.sort(np.random.default_rng(e.seed).choice(len(ds), size=min(e.num_images, len(ds)), replace=False))
     targets = cam_targets(model, e.stages, e.heads, e.layers)
-    s = explain_samples(model, ds, rows, targets, e.pointing_radius, e.sign)
+    s = explain_samples(model, ds, rows, targets, e.pointing_radius, e.sign, dtype)
     features = {t.stage: s.cams[t.key] for t in targets if t.kind == "feature"}
     mm = explain_methods(model, s.inputs, {k: s.heatmaps[k] for k in features}, s.joints, d.codec.stride,
-                         e.methods, e.target_peak, features, e.road, e.sign)
+                         e.methods, e.target_peak, features, e.road, e.sign, dtype)
     summary, per_image = score_report(s.cams, mm, s.boxes, s.joints, s.radius)
     with atomic_dir(PLOTS) as plots, atomic_dir(RESULTS) as results:
         for b, name in enumerate(s.names):
@@ -72,7 +73,9 @@ def main() -> None:
     with atomic_dir(SCORES) as tmp:
         write_csv(tmp / "stages.csv", stage_table(summary))
     metrics = {"split": e.split, "pointing_radius": e.pointing_radius, "sign": e.sign,
-               "target_peak": e.target_peak, **summary}
+               "target_peak": e.target_peak, **precision_record(device, dtype, e.precision), **summary}
+    if dtype is not None:     # not traded silently: how far the lower precision moved maps and joints
+        metrics["precision_shift"] = precision_shift(model, s, targets, d.codec, e.sign)
     write_json(REPORT, metrics)
     log_to_pipeline_run(p.tracking, TRAIN_METRICS, "explain", metrics,
                         artifacts=[("explain", PLOTS), ("explain", SCORES), ("explain", REPORT)])

@@ -34,7 +34,7 @@ def tiny_params() -> Params:
         train=dataclasses.replace(p.train, batch_size=2))
 
 
-def test_nominal_peak_and_interleaved_timing():
+def test_nominal_peak_and_interleaved_timing(monkeypatch):
     assert bench.nominal_gflops(cores=2, ghz=2.445) == pytest.approx(156.48)
     assert math.isnan(bench.nominal_gflops(cores=2, ghz=0.0))
     order = []
@@ -46,6 +46,10 @@ def test_nominal_peak_and_interleaved_timing():
     t = bench.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeats=2, warmup=1,
                           plan={"b": (0, 1)})
     assert order == ["a", "b", "a", "a"] and len(t["a"].wall) == 2 and len(t["b"].wall) == 1
+    order.clear()                                       # settle_s: an untimed pause before every call
+    monkeypatch.setattr(bench.time, "sleep", lambda s: order.append(f"sleep {s}"))
+    t = bench.interleaved({"a": lambda: order.append("a")}, repeats=1, warmup=1, settle_s=0.3)
+    assert order == ["sleep 0.3", "a"] * 2 and t["a"].wall[0] < 0.3
 
 
 def test_matmul_rates_are_measured_and_labelled(monkeypatch):
@@ -181,6 +185,9 @@ def test_eigencam_bench_maps_equal_stock_and_the_explain_stage_cost():
     assert x["config"]["layers"] == ["feature_taps.0", "intermediate_layers.0", "feature_taps.1",
                                      "intermediate_layers.1"]          # every stage's feature and head
     assert x["stock_ms_per_image"] > 0 and x["ours_ms_per_image"] > 0 and x["speedup"] > 0
+    assert "speedup_bf16" not in x
+    xb = bench.explain_bench(tiny_params(), images=1, repeats=1, warmup=0, bf16=True)   # emulated here: tiny
+    assert xb["ours_bf16_ms_per_image"] > 0 and xb["speedup_bf16"] > 0
 
 
 def fake_result(native: bool, train: float, infer: float, student: float, explain: float, loader: float) -> dict:

@@ -265,3 +265,68 @@ def test_projection_runs_blas_on_one_thread_and_scans_libraries_once(monkeypatch
     assert controller is not None and explain._BLAS is controller     # one scan per process
     assert seen and all(n == 1 for threads in seen for n in threads)
     assert [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"] == before
+
+
+# --------------------------------------------------------------------------- cost and precision
+
+def test_an_eval_model_is_not_walked_again_and_a_training_one_is(model, images, monkeypatch):
+    from okdpose.explain import LayerEigenCAM, resolve_layers
+
+    walked, real_train = [], torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walked.append(self) or real_train(self, mode))
+    layers = resolve_layers(model, ["feature_taps.1"])
+    model.eval()
+    walked.clear()
+    with LayerEigenCAM(model, layers) as cam:          # already eval: model.eval() is a no-op, not a walk
+        assert walked == [] and cam(images[:1])["feature_taps.1"].shape == (1, H, W)
+    assert "eval" not in vars(model) and not model.training
+    model.train()
+    walked.clear()
+    try:
+        with LayerEigenCAM(model, layers):             # training: grad-cam's model.eval() walks every module
+            assert len(walked) == len(list(model.modules())) and not model.training
+        assert model.training and "eval" not in vars(model)
+    finally:
+        model.eval()
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_the_maps_in_float32(model, images):
+    from okdpose.explain import CamTarget, ExplainSamples, precision_shift
+
+    seen = []
+    handle = model.get_submodule("conv1").register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        layers = ["feature_taps.1", model.head_layer_names()[-1]]
+        maps, outs = eigencam_with_outputs(model, images, layers, autocast=torch.bfloat16)
+        ref, ref_outs = eigencam_with_outputs(model, images, layers)
+    finally:
+        handle.remove()
+    assert seen == [torch.bfloat16, torch.float32]
+    for name in layers:
+        assert maps[name].dtype == np.float32 and np.isfinite(maps[name]).all()
+        assert 0 <= maps[name].min() and maps[name].max() <= 1 and maps[name].shape == ref[name].shape
+    for o, r in zip(outs, ref_outs):   # bf16 keeps 8 significant bits: heatmaps move, by a few % of their scale
+        assert o.dtype == np.float32 and 0 < np.abs(o - r).max() < 0.1 * np.abs(r).max()
+    assert hooks_left(model) == 0
+
+    class Codec:                       # decode_crop as HeatmapCodec's: argmax in heatmap px x stride 4
+        def decode_crop(self, hm):
+            b, j, h, w = hm.shape
+            flat = hm.reshape(b, j, -1).argmax(-1)
+            return np.stack([flat % w, flat // w], -1).astype(np.float32) * 4, hm.reshape(b, j, -1).max(-1)
+
+    targets = [CamTarget("stage2/feature", "feature_taps.1", 2, "feature"), CamTarget("stage2/head", layers[1], 2, "head")]
+    preds = {}
+    for stage, hm in zip(model.output_stages, outs):
+        xy, v = Codec().decode_crop(hm)
+        preds[stage] = np.concatenate([xy, v[..., None]], -1)
+    s = ExplainSamples(names=[], crops=np.zeros(0), boxes=np.zeros(0), joints=np.zeros(0), radius=np.zeros(0),
+                       preds=preds, cams={"stage2/feature": maps["feature_taps.1"], "stage2/head": maps[layers[1]]},
+                       inputs=images)
+    shift = precision_shift(model, s, targets, Codec())
+    assert set(shift["maps"]) == {"stage2/feature", "stage2/head"} and set(shift["keypoints_px"]) == {"stage1", "stage2"}
+    for key, d in shift["maps"].items():
+        layer = {"stage2/feature": "feature_taps.1", "stage2/head": layers[1]}[key]
+        assert d["max_abs"] == pytest.approx(float(np.abs(s.cams[key] - ref[layer]).max()), abs=1e-6)
+        assert 0 <= d["mean_abs"] <= d["max_abs"] <= 1
+    assert all(0 <= v["mean"] <= v["max"] for v in shift["keypoints_px"].values())

@@ -54,8 +54,9 @@ def test_stage_writes_pictures_maps_scores_and_logs_to_the_training_run(root, ca
         assert z["pred_stage3"].shape == (12, 3) and z["box"].shape == (4,) and z["joints"].shape == (12, 3)
         assert z["stage2_gradcam"].shape == (13, 64, 48)     # 12 joints, then the pose
     m = json.loads((root / "reports" / "explain.json").read_text())
-    assert list(m) == ["split", "pointing_radius", "sign", "target_peak", "stage1", "stage2", "stage3", "extra",
-                       "chance", "images", "pointing_images"]
+    assert list(m) == ["split", "pointing_radius", "sign", "target_peak", "precision", "precision_asked", "device",
+                       "cpu_flags", "stage1", "stage2", "stage3", "extra", "chance", "images", "pointing_images"]
+    assert (m["precision"], m["precision_asked"], m["device"]) == ("fp32", "fp32", "cpu")   # fp32: no precision_shift
     assert list(m["stage2"]) == ["eigencam", "gradcam", "eigencam_head"] and list(m["extra"]) == ["stage3.3.branches.2"]
     for scores in (m["stage1"]["eigencam"], m["stage3"]["eigencam_head"], m["extra"]["stage3.3.branches.2"]):
         assert 0 <= scores["energy_in_box"] <= 1
@@ -115,4 +116,25 @@ def test_cuda_without_gpu_stops_naming_the_param(root, monkeypatch):
     (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "explain": {**PARAMS["explain"], "device": "cuda"}}))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="explain.device is 'cuda' but torch sees no GPU"):
+        run_stage()
+
+
+def test_bf16_is_recorded_with_how_far_it_moved_maps_and_joints_and_fp16_on_cpu_is_refused(root, caplog):
+    (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "explain": {**PARAMS["explain"], "precision": "bf16"}}))
+    with caplog.at_level(logging.INFO):
+        run_stage()
+    assert "precision bf16 autocast" in caplog.text
+    m = json.loads((root / "reports" / "explain.json").read_text())
+    assert (m["precision"], m["precision_asked"]) == ("bf16", "bf16")
+    shift = m["precision_shift"]
+    assert set(shift["maps"]) == {"stage1/feature", "stage1/head", "stage2/feature", "stage2/head", "stage3/feature",
+                                  "stage3/head", "extra/stage3.3.branches.2"}
+    assert all(0 <= d["mean_abs"] <= d["max_abs"] <= 1 for d in shift["maps"].values())
+    assert set(shift["keypoints_px"]) == {"stage1", "stage2", "stage3"}
+    assert all(0 <= d["mean"] <= d["max"] < 64 for d in shift["keypoints_px"].values())
+    assert set(m["stage3"]["gradcam"]) == {"energy_in_box", "pointing_game", "joint_pointing_game",   # bf16 too
+                                           "confidence_change", "joint_confidence_change"}
+
+    (root / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "explain": {**PARAMS["explain"], "precision": "fp16"}}))
+    with pytest.raises(SystemExit, match="explain.precision is fp16, which runs on CUDA only"):
         run_stage()

@@ -145,3 +145,28 @@ def test_explain_methods_per_stage_and_method(model, images):
     assert g.joints.shape == (2, J, H, W) and g.faith["joint_confidence_change"].shape == (2, J)
     assert np.all(g.faith["confidence_change"] <= 1e-6 + 10)
     assert hooks_left(model) == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_runs_the_trunk_in_bf16_and_the_tap_head_and_maps_in_float32(model, images):
+    with torch.no_grad():
+        heatmaps = {k: h.numpy() for k, h in zip(model.output_stages, model(images))}
+    seen: dict[str, list] = {"trunk": [], "head": []}
+    real_init = StageHeatmaps.__init__
+
+    def spying_init(self, *a, **k):
+        real_init(self, *a, **k)
+        self.trunk.conv1.register_forward_hook(lambda m, i, o: seen["trunk"].append(o.dtype))
+        self.head.register_forward_hook(lambda m, i, o: seen["head"].append(o.dtype))
+
+    gt = np.zeros((2, J, 3), np.float32)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(StageHeatmaps, "__init__", spying_init)
+    try:
+        out = explain_methods(model, images, heatmaps, gt, 4, ["eigencam", "gradcam"], autocast=torch.bfloat16)
+    finally:
+        mp.undo()
+    assert set(seen["trunk"]) == {torch.bfloat16} and set(seen["head"]) == {torch.float32}
+    g = out[2]["gradcam"]
+    assert g.joints.dtype == np.float32 and np.isfinite(g.joints).all() and 0 <= g.joints.min() <= g.joints.max() <= 1
+    assert np.isfinite(g.faith["joint_confidence_change"]).all()
+    assert hooks_left(model) == 0 and all(p.grad is None for p in model.parameters())

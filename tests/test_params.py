@@ -35,6 +35,7 @@ def test_repository_params_load_and_match_defaults():
         ({"model": {"n_stage": 5}}, ["model.n_stage"]),
         ({"data": {"joints": "mpii"}}, ["data.joints"]),
         ({"data": {"image_size": [100, 128], "heatmap_size": [25, 32]}}, ["data.image_size", "multiple of 32"]),
+        ({"explain": {"precision": "fp8"}}, ["explain.precision", "'fp8'", "bf16"]),
     ],
 )
 def test_bad_params_name_the_key(raw, words):

@@ -68,7 +68,8 @@ from okdpose.train import make_optimizer
 FLOPS_PER_CYCLE = 32     # fp32 per core and cycle with two 256-bit FMA units (AVX2): the nominal line only
 FORMATS = ("contiguous", "channels_last")
 INFER_FORMATS = FORMATS + ("folded",)     # folded: okdpose.model.fuse.inference_copy (BN folded, channels-last), what predict runs
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}       # name -> autocast dtype (None: no autocast)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+SETTLE_S = 0.3       # the CAM benches' pause before each timed call (`interleaved`): OpenBLAS threads go idle       # name -> autocast dtype (None: no autocast)
 AUGMENT_ON = {"flip": True, "rotation": 30.0, "scale": 0.25, "half_body_prob": 0.3}   # the original's
 # tests/original_hrnet.py: the original OKD-HRNet model, ported (a test file, not in the package)
 ORIGINAL_HRNET = Path(__file__).resolve().parents[2] / "tests" / "original_hrnet.py"
@@ -135,11 +136,14 @@ class Timing:
 
 
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1,
-                plan: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, Timing]:
+                plan: Optional[Mapping[str, tuple[int, int]]] = None, settle_s: float = 0.0) -> dict[str, Timing]:
     """Time each callable `repeats` times after `warmup` untimed calls, round robin over the
     variants so that load changes on a shared machine affect them alike. `plan` gives some
     variants their own (warmup, repeats) (e.g. a slow emulated one): they take part in the
-    first rounds only."""
+    first rounds only. `settle_s`: an untimed pause before each call, for variants that mix
+    thread pools (numpy's OpenBLAS, torch's OpenMP): a pool's workers busy-wait after a call and
+    take a core from the next variant (measured: our explain forward right after stock grad-cam's
+    2-thread SVD 49 ms/image, after a pause 35; AVX2 CPU, 2 cores)."""
     plan = {name: (plan or {}).get(name, (warmup, repeats)) for name in fns}
     out = {name: Timing([], []) for name in fns}
     for r in range(max(w + n for w, n in plan.values())):
@@ -147,6 +151,8 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int 
             w, n = plan[name]
             if r >= w + n:
                 continue
+            if settle_s:
+                time.sleep(settle_s)
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
             t1, c1 = time.perf_counter(), time.process_time()
@@ -604,7 +610,8 @@ def eigencam_bench(map_size: Sequence[int] = (48, 64), channels: int = 32, width
         t0 = time.perf_counter()
         inference_copy(model)                   # the one-off cost of the folded copy (cached by eigencam)
         copy_s = time.perf_counter() - t0
-        et = interleaved({"stock": stock, "ours": ours, "folded": folded}, e2e_repeats or repeats, max(warmup, 1))
+        et = interleaved({"stock": stock, "ours": ours, "folded": folded}, e2e_repeats or repeats, max(warmup, 1),
+                         settle_s=SETTLE_S)
     return {"config": {"map_size": [mw, mh], "channels": channels, "width": width, "n_stage": n_stage,
                        "image_size": list(image_size), "images": images, "layer": layer, "repeats": repeats,
                        "e2e_repeats": e2e_repeats or repeats, "warmup": warmup},
@@ -620,13 +627,15 @@ def eigencam_bench(map_size: Sequence[int] = (48, 64), channels: int = 32, width
 
 
 def explain_bench(params: Any, images: int = 4, repeats: int = 3, warmup: int = 1,
-                  threads: Optional[int] = None) -> dict[str, Any]:
+                  threads: Optional[int] = None, bf16: bool = False) -> dict[str, Any]:
     """The explain stage's EigenCAM cost per image for all its layers (`cam_targets` of the
     configured model and explain params: every stage's feature and head, 8 layers for 4 stages)
     on `images` random crops of data.image_size: ours as the stage runs it
     (`eigencam_with_outputs`: one forward for all layers, economy SVD, fp32) vs stock grad-cam
     the plain way (one `EigenCAM` object and one forward per layer, full SVD via its own
-    `get_2d_projection`). Random weights: the cost does not depend on them."""
+    `get_2d_projection`). Random weights: the cost does not depend on them. `bf16`: also ours
+    with explain.precision bf16 (the forward under bf16 autocast; the bench asks for it only where
+    bf16 is native: emulated it is many times slower)."""
     from pytorch_grad_cam import EigenCAM
 
     from okdpose.explain import cam_targets, eigencam_with_outputs
@@ -642,16 +651,20 @@ def explain_bench(params: Any, images: int = 4, repeats: int = 3, warmup: int = 
             with EigenCAM(model, [model.get_submodule(name)]) as cam:
                 cam(x, targets=[])              # targets=[]: grad-cam 1.5.7 with a list output
 
-    def ours() -> None:
-        eigencam_with_outputs(model, x, layers, sign=e.sign)
-
+    fns = {"stock": stock, "ours": lambda: eigencam_with_outputs(model, x, layers, sign=e.sign)}
+    if bf16:
+        fns["ours_bf16"] = lambda: eigencam_with_outputs(model, x, layers, sign=e.sign, autocast=torch.bfloat16)
     with num_threads(threads):
-        t = interleaved({"stock": stock, "ours": ours}, repeats, warmup)
-    return {"config": {"width": m.width, "n_stage": m.n_stage, "multi": m.multi, "image_size": [int(w), int(h)],
-                       "images": images, "layers": layers, "sign": e.sign, "repeats": repeats},
-            "stock_ms_per_image": round(t["stock"].median / images * 1e3, 2),
-            "ours_ms_per_image": round(t["ours"].median / images * 1e3, 2),
-            "speedup": round(t["stock"].median / t["ours"].median, 2)}
+        t = interleaved(fns, repeats, warmup, settle_s=SETTLE_S)
+    out = {"config": {"width": m.width, "n_stage": m.n_stage, "multi": m.multi, "image_size": [int(w), int(h)],
+                      "images": images, "layers": layers, "sign": e.sign, "repeats": repeats, "settle_s": SETTLE_S},
+           "stock_ms_per_image": round(t["stock"].median / images * 1e3, 2),
+           "ours_ms_per_image": round(t["ours"].median / images * 1e3, 2),
+           "speedup": round(t["stock"].median / t["ours"].median, 2)}
+    if bf16:
+        out.update(ours_bf16_ms_per_image=round(t["ours_bf16"].median / images * 1e3, 2),
+                   speedup_bf16=round(t["stock"].median / t["ours_bf16"].median, 2))
+    return out
 
 
 # --------------------------------------------------------------------------- data for b.
@@ -759,7 +772,7 @@ def run_all(sizes: Sizes, threads: Optional[int] = None, peak: Optional[float] =
         out["eigencam"] = eigencam_bench(image_size=sizes.cam_image, repeats=sizes.cam_repeats,
                                          e2e_repeats=sizes.cam_e2e_repeats, threads=threads, warmup=sizes.cam_warmup)
         out["eigencam"]["explain"] = explain_bench(params, sizes.explain_images, sizes.explain_repeats,
-                                                   min(sizes.cam_warmup, 1), threads)
+                                                   min(sizes.cam_warmup, 1), threads, bf16=bf16 and native)
     out["load_after"] = round(os.getloadavg()[0], 2)
     out["targets"] = check_targets(out)
     return out
@@ -923,6 +936,9 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                          f"{sc['n_stage']} {sc['image_size'][0]}x{sc['image_size'][1]} ({sc['images']} images): stock "
                          f"(one EigenCAM and forward per layer, full SVD) {s['stock_ms_per_image']} ms, ours (one "
                          f"forward, economy SVD) {s['ours_ms_per_image']} ms -> {s['speedup']}x")
+            if "speedup_bf16" in s:
+                lines.append(f"  ... ours with explain.precision bf16 (native): {s['ours_bf16_ms_per_image']} ms -> "
+                             f"{s['speedup_bf16']}x")
         lines.append(f"  projection ({c['channels']} channels, {c['map_size'][0]}x{c['map_size'][1]} map): stock "
                      f"{p['stock_ms']} ms, ours {p['ours_ms']} ms -> {p['speedup']}x, max |diff| {p['max_abs_diff']:.3g}")
         lines.append(f"  end to end, layer {c['layer']} of W{c['width']} n_stage {c['n_stage']}, {c['images']} image(s) "

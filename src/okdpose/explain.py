@@ -28,7 +28,12 @@ class in tests/test_explain.py:
   orientation with more CAM energy in the infant's box for 99.4% of the maps, stock's sign 75%;
 - the model is left as found: hooks released and every module's train/eval mode restored
   (constructing a grad-cam CAM calls `model.eval()`), also when an error is raised, which is
-  never swallowed (stock `__exit__` swallows IndexError).
+  never swallowed (stock `__exit__` swallows IndexError). A model already in eval mode is not
+  walked again: `model.eval()` over the ~1000 modules of W8 cost ~14 ms per call, ~9 % of
+  the explain stage's EigenCAM time (cProfile, AVX2 CPU).
+
+`autocast` (explain.precision) runs the forward in bf16 / fp16; the activations are taken in
+float32 and the CAM maths (SVD, scaling) stay float32.
 
 Maps come at the input resolution, bilinearly upsampled from the layer's, and min-max scaled to
 [0, 1] per image, as stock. Their scores are `okdpose.cam_scores`', their pictures
@@ -36,6 +41,7 @@ Maps come at the input resolution, bilinearly upsampled from the layer's, and mi
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -128,7 +134,8 @@ class _LayerActivations(ActivationsAndGradients):
         if id(module) in self._captured:
             raise LayerError(f"layer {name!r} runs more than once per forward pass, so its map is ambiguous; "
                              "choose a module that runs once")
-        self._captured[id(module)] = output.detach().to("cpu", copy=True)
+        # a copy (a later in-place op cannot change it), float32 (numpy has no bf16; the SVD runs in fp32)
+        self._captured[id(module)] = output.detach().to("cpu", torch.float32, copy=True)
 
     def __call__(self, x: Tensor) -> Any:
         self._captured = {}
@@ -150,16 +157,19 @@ class LayerEigenCAM(EigenCAM):
     restored; exceptions propagate. `cam(images)` -> {name: maps}; `cam.outputs` holds the
     model's output of that forward (for a `MultiOutHRNet`, the heatmaps of every stage).
     `sign`: "oriented" (`oriented_sign`) or "stock" (grad-cam's arbitrary SVD sign).
+    `autocast`: None (fp32) or the forward's autocast dtype (bf16 / fp16); maps are float32.
     """
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], sign: str = "oriented") -> None:
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], sign: str = "oriented",
+                 autocast: Optional[torch.dtype] = None) -> None:
         if sign not in SIGNS:
             raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
-        self.orient = sign == "oriented"
+        self.orient, self.autocast = sign == "oriented", autocast
         self._modes: Optional[list[tuple[nn.Module, bool]]] = [(m, m.training) for m in model.modules()]
         self.layer_names = list(layers)
         try:
-            super().__init__(model, list(layers.values()))     # calls model.eval(), registers stock hooks
+            with _eval_once(model, self._modes):
+                super().__init__(model, list(layers.values()))     # calls model.eval(), registers stock hooks
             self.activations_and_grads.release()               # replaced by the module-keyed holder
             self.activations_and_grads = _LayerActivations(model, layers)
         except BaseException:
@@ -172,7 +182,7 @@ class LayerEigenCAM(EigenCAM):
 
     def __call__(self, input_tensor: Tensor) -> dict[str, np.ndarray]:   # type: ignore[override]
         x = input_tensor.to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_context(self.device, self.autocast):
             self.outputs = self.activations_and_grads(x)
         per_layer = self.compute_cam_per_layer(x, [], eigen_smooth=False)    # [(B, 1, H, W)]
         # `aggregate_multi_layers` of one layer is what stock returns for that layer alone
@@ -194,6 +204,29 @@ class LayerEigenCAM(EigenCAM):
 
     def __del__(self) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def _eval_once(model: nn.Module, modes: Sequence[tuple[nn.Module, bool]]) -> Any:
+    """Around grad-cam's constructor: when every module is already in eval mode and none
+    overrides `train`, `model.eval()` would change nothing, so it is answered without walking
+    the modules (an instance attribute shadowing the method, removed on exit)."""
+    idle = all(not training and type(m).train is nn.Module.train for m, training in modes)
+    if idle and "eval" not in vars(model):
+        object.__setattr__(model, "eval", lambda: model)
+        try:
+            yield
+        finally:
+            object.__delattr__(model, "eval")
+    else:
+        yield
+
+
+def autocast_context(device: Any, dtype: Optional[torch.dtype]) -> Any:
+    """torch.autocast on `device`'s type in `dtype`; a no-op for None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def resolve_layers(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -228,8 +261,8 @@ def example_layers(model: nn.Module) -> list[str]:
 _BRANCH = re.compile(r"stage(\d+)\.(\d+)\.branches\.(\d+)")
 
 
-def eigencam(model: nn.Module, images: Tensor, layers: Sequence[str],
-             batch_size: int = 16, fold_bn: bool = False, sign: str = "oriented") -> dict[str, np.ndarray]:
+def eigencam(model: nn.Module, images: Tensor, layers: Sequence[str], batch_size: int = 16,
+             fold_bn: bool = False, sign: str = "oriented", autocast: Optional[torch.dtype] = None) -> dict[str, np.ndarray]:
     """EigenCAM maps of `layers` (dotted module names) for `images` (B, 3, H, W), the normalised
     crops the model sees -> {name: (B, H, W) float32 in [0, 1]}; one forward pass per batch.
     With `sign="stock"` the maps equal stock grad-cam's up to float rounding (tests/test_explain.py:
@@ -240,14 +273,16 @@ def eigencam(model: nn.Module, images: Tensor, layers: Sequence[str],
     folded into the convs, except where a target layer is a folded conv or BN; channels-last on
     CPU; made once per state of the model, as folding takes time): the forward pass, most of the
     time, gets faster (`python -m okdpose.bench`), and the maps then equal stock's only up to
-    float rounding (|diff| ~1e-6 to 1e-5 on the [0, 1] maps)."""
-    return eigencam_with_outputs(model, images, layers, batch_size, fold_bn, sign)[0]
+    float rounding (|diff| ~1e-6 to 1e-5 on the [0, 1] maps). `autocast` (bf16 / fp16) runs
+    the forward so; the maps then differ from fp32's (`map_difference` measures by how much)."""
+    return eigencam_with_outputs(model, images, layers, batch_size, fold_bn, sign, autocast)[0]
 
 
 def eigencam_with_outputs(model: nn.Module, images: Tensor, layers: Sequence[str], batch_size: int = 16,
-                          fold_bn: bool = False, sign: str = "oriented") -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """`eigencam` plus the model's outputs of the same forward pass, as numpy (a list output,
-    e.g. per-stage heatmaps (B, J, h, w), stays a list; a tensor becomes a one-item list)."""
+                          fold_bn: bool = False, sign: str = "oriented", autocast: Optional[torch.dtype] = None,
+                          ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """`eigencam` plus the model's outputs of the same forward pass, as float32 numpy (a list
+    output, e.g. per-stage heatmaps (B, J, h, w), stays a list; a tensor becomes a one-item list)."""
     if images.dim() != 4:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
     modules = resolve_layers(model, layers)
@@ -258,14 +293,14 @@ def eigencam_with_outputs(model: nn.Module, images: Tensor, layers: Sequence[str
         modules = resolve_layers(net, list(modules))
     maps: dict[str, list[np.ndarray]] = {name: [] for name in modules}
     outputs: list[list[np.ndarray]] = []
-    with LayerEigenCAM(net, modules, sign) as cam:
+    with LayerEigenCAM(net, modules, sign, autocast) as cam:
         for chunk in images.split(batch_size):
             if channels_last:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             for name, m in cam(chunk).items():
                 maps[name].append(m)
             out = cam.outputs if isinstance(cam.outputs, (list, tuple)) else [cam.outputs]
-            outputs.append([o.detach().cpu().numpy() for o in out])
+            outputs.append([o.detach().float().cpu().numpy() for o in out])
     return ({name: np.concatenate(m) for name, m in maps.items()},
             [np.concatenate(parts) for parts in zip(*outputs)])
 
@@ -324,15 +359,17 @@ class ExplainSamples:
 
 
 def explain_samples(model: nn.Module, dataset: PoseDataset, rows: Sequence[int], targets: Sequence[CamTarget],
-                    pointing_fraction: float, sign: str = "oriented") -> ExplainSamples:
-    """EigenCAM of `targets` on the dataset's `rows` (one forward pass per batch, whose per-stage
-    heatmaps give the predictions), with the ground truth mapped into the crops by the dataset's
-    codec; the pointing radius is `pointing_fraction` * max(box w, h)."""
+                    pointing_fraction: float, sign: str = "oriented",
+                    autocast: Optional[torch.dtype] = None) -> ExplainSamples:
+    """EigenCAM of `targets` on the dataset's `rows` (one forward pass per batch, under
+    `autocast` when given, whose per-stage heatmaps give the predictions), with the ground truth
+    mapped into the crops by the dataset's codec; the pointing radius is `pointing_fraction` *
+    max(box w, h)."""
     samples = [dataset[int(i)] for i in rows]
     images = torch.stack([s[0] for s in samples])
     center, scale = np.stack([s[3]["center"] for s in samples]), np.stack([s[3]["scale"] for s in samples])
     bbox, codec, r = dataset.records.bbox[rows], dataset.codec, dataset.records
-    maps, heatmaps = eigencam_with_outputs(model, images, [t.layer for t in targets], sign=sign)
+    maps, heatmaps = eigencam_with_outputs(model, images, [t.layer for t in targets], sign=sign, autocast=autocast)
     preds = {}
     for stage, hm in zip(model.output_stages, heatmaps):
         coords, maxvals = codec.decode_crop(hm)
@@ -347,3 +384,22 @@ def explain_samples(model: nn.Module, dataset: PoseDataset, rows: Sequence[int],
         cams={t.key: maps[t.layer] for t in targets},
         inputs=images,
         heatmaps=dict(zip(model.output_stages, heatmaps)))
+
+
+def precision_shift(model: nn.Module, samples: ExplainSamples, targets: Sequence[CamTarget], codec: Any,
+                    sign: str = "oriented") -> dict[str, Any]:
+    """How far a lower-precision explanation moved from fp32 (accuracy is not traded silently):
+    the same EigenCAM layers and predictions in fp32 on the same crops -> {"maps": {key:
+    {"max_abs", "mean_abs"}} of the [0, 1] maps, "keypoints_px": {stage: {"mean", "max"}} of
+    the decoded joints (crop px)}."""
+    ref, heatmaps = eigencam_with_outputs(model, samples.inputs, [t.layer for t in targets], sign=sign)
+    maps = {}
+    for t in targets:
+        d = np.abs(samples.cams[t.key] - ref[t.layer])
+        maps[t.key] = {"max_abs": round(float(d.max()), 6), "mean_abs": round(float(d.mean()), 6)}
+    px = {}
+    for stage, hm in zip(model.output_stages, heatmaps):
+        coords, _ = codec.decode_crop(hm)
+        d = np.linalg.norm(samples.preds[stage][..., :2] - coords, axis=-1)
+        px[f"stage{stage}"] = {"mean": round(float(d.mean()), 4), "max": round(float(d.max()), 4)}
+    return {"maps": maps, "keypoints_px": px}

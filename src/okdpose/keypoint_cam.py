@@ -32,7 +32,7 @@ from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
 from torch import Tensor, nn
 
-from okdpose.explain import eigencam
+from okdpose.explain import autocast_context, eigencam
 from okdpose.model.multi_out import MultiOutHRNet, head_name
 
 # the names of grad-cam's own cam.py example ("gradcampp" for its "gradcam++": MLflow metric names
@@ -58,10 +58,12 @@ class StageHeatmaps(nn.Module):
     repeated that many times before the tap, so grad-cam explains several targets of one image
     from one trunk forward (its batch item i * copies + t is image i, target t). Layers below the
     tap run without gradients: gradient methods can explain only `tap` (and `head`). The copy is
-    in eval mode and shares no gradients with `model`.
+    in eval mode and shares no gradients with `model`. `autocast` (bf16 / fp16) runs the no-grad
+    trunk so, the costly part; its feature is cast back to float32, so the tap and head, whose
+    activations and gradients grad-cam reads, run in float32 (numpy has no bf16).
     """
 
-    def __init__(self, model: nn.Module, stage: int) -> None:
+    def __init__(self, model: nn.Module, stage: int, autocast: Optional[torch.dtype] = None) -> None:
         super().__init__()
         if not isinstance(model, MultiOutHRNet):
             raise TypeError(f"per-joint CAMs need an okdpose MultiOutHRNet, got a {type(model).__name__}")
@@ -72,7 +74,7 @@ class StageHeatmaps(nn.Module):
         if missing:                         # a truncated single-head net is a strict subset
             raise ValueError(f"stage {stage} copy: weights missing from the model: {missing[:4]}")
         net = net.to(next(model.parameters()).device).eval()
-        self.stage, self.copies = stage, 1
+        self.stage, self.copies, self.autocast = stage, 1, autocast
         self.tap, self.head = net.feature_taps[stage - 1], net.get_submodule(head_name(stage))
         net.feature_taps[stage - 1] = nn.Identity()      # the tap runs outside the no-grad trunk
         self.trunk = net
@@ -83,8 +85,8 @@ class StageHeatmaps(nn.Module):
         return self._names.get(name, f"trunk.{name}")
 
     def forward(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            feature = self.trunk.forward_features(x)[-1]
+        with torch.no_grad(), autocast_context(x.device, self.autocast):
+            feature = self.trunk.forward_features(x)[-1].float()
         if self.copies > 1:
             feature = feature.repeat_interleave(self.copies, 0)
         if torch.is_grad_enabled():
@@ -160,7 +162,7 @@ def joint_cams(net: StageHeatmaps, method: str, layer: str, images: Tensor, peak
     t = len(per_image[0])
     name = net.layer_name(layer)
     if method in CLASS_AGNOSTIC:
-        maps = eigencam(net, images, [name], batch_size=batch_size, sign=sign)[name]
+        maps = eigencam(net, images, [name], batch_size=batch_size, sign=sign, autocast=net.autocast)[name]
         return np.repeat(maps[:, None], t, axis=1)
     if name != "tap":
         raise ValueError(f"{method} explains stage {net.stage}'s feature layer feature_taps.{net.stage - 1} only "
@@ -236,19 +238,20 @@ class MethodMaps:
 def explain_methods(model: nn.Module, images: Tensor, heatmaps: Mapping[int, np.ndarray], gt_joints: np.ndarray,
                     stride: int, methods: Sequence[str], target_peak: str = "predicted",
                     eigencam_maps: Optional[Mapping[int, np.ndarray]] = None, road: bool = False,
-                    sign: str = "oriented") -> dict[int, dict[str, MethodMaps]]:
+                    sign: str = "oriented", autocast: Optional[torch.dtype] = None) -> dict[int, dict[str, MethodMaps]]:
     """Every `method` on the feature layer (`feature_layer_names`) of every stage in `heatmaps`
     {stage: (B, J, h, w)} of `model`'s forward on `images` (B, 3, H, W): -> {stage: {method:
     MethodMaps}}. Targets read stage k's heatmaps at the `target_peak`: "predicted" (argmax of
     `heatmaps[k]`) or "gt" (`gt_joints` (B, J, 3) crop px / `stride`; unlabelled joints fall back
     to the predicted peak). `eigencam_maps` {stage: (B, H, W)} (the feature maps of
-    `okdpose.explain.eigencam`, computed in its one forward) are used as they are, else made."""
+    `okdpose.explain.eigencam`, computed in its one forward) are used as they are, else made.
+    `autocast` (bf16 / fp16): every stage trunk runs so (`StageHeatmaps`); the maps are float32."""
     device = next(model.parameters()).device
     x = images.to(device)
     layers = dict(zip(model.output_stages, model.feature_layer_names()))
     out: dict[int, dict[str, MethodMaps]] = {}
     for stage, hm in heatmaps.items():
-        net = StageHeatmaps(model, stage)
+        net = StageHeatmaps(model, stage, autocast)
         peaks = predicted_peaks(hm)
         if target_peak == "gt":
             peaks = gt_peaks(gt_joints, stride, hm.shape[:1:-1], peaks)
@@ -263,7 +266,7 @@ def explain_methods(model: nn.Module, images: Tensor, heatmaps: Mapping[int, np.
         for method in methods:
             if method in CLASS_AGNOSTIC:
                 pose = (eigencam_maps[stage] if eigencam_maps is not None
-                        else eigencam(model, images, [layers[stage]], sign=sign)[layers[stage]])
+                        else eigencam(model, images, [layers[stage]], sign=sign, autocast=autocast)[layers[stage]])
                 joints = None
             else:
                 maps = joint_cams(net, method, layers[stage], x, peaks)

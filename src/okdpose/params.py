@@ -284,6 +284,7 @@ class ExplainParams:
     target_peak: Literal["predicted", "gt"] = "predicted"   # where a joint's target reads its heatmap
     road: bool = False                          # also ROAD faithfulness (grad-cam's; ~0.25 s per map on a 2-core CPU)
     grid_images: int = 2                        # images that get a joints x methods picture per stage
+    precision: Precision = "fp32"               # autocast of the model's forward (CAM maths stay fp32): fp32, bf16, fp16 (CUDA) or auto
 
     def validate(self, where: str) -> None:
         if self.num_images < 1:
@@ -305,6 +306,7 @@ CamMethod = Literal["eigencam", "gradcam", "hirescam", "gradcampp", "xgradcam", 
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")
+ExportPrecision = Literal["auto", "fp32", "fp16", "bf16"]
 ONNX_OPSETS = (11, 20)      # what torch's TorchScript-based ONNX exporter writes (20: its newest)
 
 
@@ -322,6 +324,7 @@ class ExportParams:
     latency_batches: tuple[int, ...] = (1, 8)
     latency_repeats: int = 10                    # timed calls per cell (interleaved), median reported
     threads: int = 1                             # intra-op threads of torch and onnxruntime while timing
+    precision: ExportPrecision = "fp32"          # the exports' compute dtype (I/O stays float32): fp32, fp16, bf16 (TorchScript only) or auto
 
     def validate(self, where: str) -> None:
         if not self.stages or len(set(self.stages)) != len(self.stages) or any(not 1 <= s <= MAX_STAGES for s in self.stages):
