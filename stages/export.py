@@ -1,11 +1,13 @@
 """export: each stage of `export.stages` of models/model.pt as a standalone model (only what that
 stage needs, BN folded) in models/export/stage{k}.onnx and .pt with its DeployMeta inside (joints,
 sizes, normalisation, depth range, the stage's test AP from metrics/eval.json, commit / DVC
-experiment), each verified against PyTorch on `export.verify_samples` test crops (a mismatch
-fails the stage); reports/export.json: per stage params, GFLOPs, file sizes, verification, and the
-latency of PyTorch / TorchScript / onnxruntime at `export.latency_batches` timed side by side with
-the teacher's, speed-up next to FLOP ratio; the numbers are logged into the training MLflow run
-(`mlflow_run_id` of metrics/train.json) when there is one."""
+experiment, precision), in `export.precision` (float32 in and out), each verified against PyTorch
+in the file's precision on `export.verify_samples` test crops (a mismatch fails the stage);
+reports/export.json: the precision asked and per format, the CPU flags, per stage params, GFLOPs,
+file sizes, verification (with what a lower precision moves against fp32), and the latency of
+PyTorch / TorchScript / onnxruntime (each with its precision) at `export.latency_batches` timed
+side by side with the teacher's, speed-up next to FLOP ratio; the numbers are logged into the
+training MLflow run (`mlflow_run_id` of metrics/train.json) when there is one."""
 from __future__ import annotations
 
 import sys
@@ -20,8 +22,8 @@ import logging
 from okdpose.data.coco import DataError
 from okdpose.data.dataset import PoseDataset
 from okdpose.deploy_meta import MetaError
-from okdpose.export import (ExportError, dataset_crops, export_report, export_stages, latency_lines, source_info,
-                            stage_meta, stage_test_ap)
+from okdpose.export import (ExportError, dataset_crops, export_report, export_stages, latency_lines, precision_info,
+                            source_info, stage_meta, stage_test_ap)
 from okdpose.files import atomic_dir, write_json
 from okdpose.model import CheckpointError, load_model
 from okdpose.params import ParamsError, load_params
@@ -42,15 +44,17 @@ def main() -> None:
              for k in stages}
     with atomic_dir(OUT) as tmp:        # all stages verified, or models/export stays as it was
         exports = export_stages(model, metas, tmp, crops, formats=e.formats, opset=e.opset, tolerance=e.tolerance,
-                                max_near_ties=e.max_near_ties, threads=e.threads)
+                                max_near_ties=e.max_near_ties, threads=e.threads, precision=e.precision)
         report = export_report(model, exports, crops, batches=e.latency_batches, repeats=e.latency_repeats,
                                threads=e.threads, opset=e.opset, formats=e.formats)
-    metrics = {"threads": e.threads, "opset": e.opset, "verify_crops": crops.source, **report}
+    metrics = {"threads": e.threads, "opset": e.opset, **precision_info(e.precision, e.formats),
+               "verify_crops": crops.source, **report}
     write_json(REPORT, metrics)
     # the numbers only: the model files are DVC-cached (W32: ~0.1 GB per stage and format)
     log_to_pipeline_run(p.tracking, TRAIN_METRICS, "export", metrics, artifacts={"export": REPORT})
     print("\n".join(latency_lines(report)))
-    print(f"export: stages {list(stages)} as {list(e.formats)} -> {OUT}/, {REPORT}")
+    precs = ", ".join(f"{fmt} {prec}" for fmt, prec in metrics["precision"].items())
+    print(f"export: stages {list(stages)} as {precs} -> {OUT}/, {REPORT}")
 
 
 if __name__ == "__main__":

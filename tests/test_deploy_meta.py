@@ -33,3 +33,17 @@ def test_bad_metadata_is_named():
         DeployMeta.from_json(json.dumps({**raw, "joint_names": raw["joint_names"][::-1]})).joint_spec()
     with pytest.raises(MetaError, match="predicts 17 joints"):
         DeployMeta.for_model(p, MultiOutHRNet(17, 4, 2), stage=2)
+
+
+def test_precision_is_recorded_only_when_not_fp32():
+    from dataclasses import replace
+
+    p = Params().validate()
+    meta = DeployMeta.from_params(p, stage=3)
+    assert meta.precision == "fp32" and "precision" not in json.loads(meta.to_json())   # fp32 files as before
+    for prec in ("fp16", "bf16"):
+        low = replace(meta, precision=prec)
+        assert json.loads(low.to_json())["precision"] == prec and DeployMeta.from_json(low.to_json()) == low
+    raw = json.loads(meta.to_json())
+    with pytest.raises(MetaError, match=r"x.pt: precision 'int8', this code knows \['fp32', 'fp16', 'bf16'\]"):
+        DeployMeta.from_json(json.dumps({**raw, "precision": "int8"}), "x.pt")

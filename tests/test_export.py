@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import runpy
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +18,11 @@ from torch import nn
 from okdpose.codec import HeatmapCodec
 from okdpose.data.dataset import PoseDataset
 from okdpose.deploy_meta import DeployMeta, MetaError
-from okdpose.export import (ExportError, Crops, compare, dataset_crops, export_report, export_stage, heatmaps,
-                            latency_ms, main, near_ties, onnx_bytes, onnx_runner, random_crops, read_meta,
-                            stage_model, stage_test_ap, torch_runner, torchscript_runner, write_onnx,
-                            write_torchscript)
+from okdpose.export import (PRECISION_TOLERANCE, ExportError, Crops, compare, dataset_crops, export_precision,
+                            export_report, export_stage, heatmaps, latency_lines, latency_ms, lowered, main,
+                            near_ties, onnx_bytes, onnx_runner, precision_info, precision_shift, random_crops,
+                            read_meta, stage_model, stage_test_ap, torch_runner, torchscript_bytes,
+                            torchscript_runner, write_onnx, write_torchscript)
 from okdpose.joints import BABYPOSE12
 from okdpose.model import MultiOutHRNet, save_checkpoint
 from okdpose.params import ParamsError, params_from_dict
@@ -199,9 +202,158 @@ def test_report_times_every_runtime_next_to_the_teacher(model, exported, crops):
     assert set(s["latency_ms"]["onnxruntime"]) == {"b1", "b2"} == set(r["teacher"]["latency_ms"]["pytorch"])
     assert s["flop_ratio"] > 1 and s["gflops"] < r["teacher"]["gflops"] and s["params_M"] < r["teacher"]["params_M"]
     assert s["file_MB"]["onnx"] > 0 and s["verify"] is exported.verify
+    assert s["precision"] == {"pytorch": "fp32", "onnxruntime": "fp32", "torchscript": "fp32"}
     json.dumps(r, allow_nan=False)
     t = latency_ms({"a": {"x": lambda x: x}}, crops.images, (1, 4), repeats=2, warmup=0)
     assert set(t["a"]["x"]) == {"b1", "b4"}
+
+
+# --------------------------------------------------------------------------- precision
+
+def weight_dtypes(path: Path) -> set:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)       # torch 2.14: torch.jit.load is deprecated
+        return {q.dtype for q in torch.jit.load(str(path)).parameters()}
+
+
+@pytest.fixture(scope="module")
+def exported_fp16(model, crops, tmp_path_factory):
+    """Stage 2 of `model` exported in fp16, both formats (once for the module)."""
+    return export_stage(model, 2, tmp_path_factory.mktemp("fp16"), meta_for(2), crops, tolerance=TOL, precision="fp16")
+
+
+def test_fp32_files_are_as_before_no_casts_no_precision_field(exported, model):
+    sm = stage_model(model, 2)
+    assert lowered(sm, "fp32") is sm and exported.precision == {"onnx": "fp32", "torchscript": "fp32"}
+    proto = onnx.load(str(exported.files["onnx"]))
+    assert "Cast" not in {n.op_type for n in proto.graph.node}
+    assert "precision" not in json.loads({p.key: p.value for p in proto.metadata_props}["okdpose"])
+    assert exported.verify["onnx"]["precision"] == "fp32" and exported.verify["onnx"]["tolerance"] == TOL
+    v = exported.verify["torchscript"]["vs_fp32"]            # fp32: rounding only
+    assert v["max_rel_diff"] <= TOL and v["shift_px_max"] < 1e-3 and v["points_moved_1px"] == 0
+
+
+def test_fp16_exports_compute_in_fp16_with_float32_io_and_record_the_cost(exported_fp16, crops):
+    from okdpose.runner import load_runner
+
+    e = exported_fp16
+    assert e.precision == {"onnx": "fp16", "torchscript": "fp16"}
+    for path in e.files.values():
+        assert read_meta(path) == replace(meta_for(2), precision="fp16")
+    proto = onnx.load(str(e.files["onnx"]))
+    f32 = onnx.TensorProto.FLOAT
+    assert proto.graph.input[0].type.tensor_type.elem_type == f32 == proto.graph.output[0].type.tensor_type.elem_type
+    assert {i.data_type for i in proto.graph.initializer if len(i.dims) == 4} == {onnx.TensorProto.FLOAT16}
+    assert weight_dtypes(e.files["torchscript"]) == {torch.float16}
+    ref32 = heatmaps(torch_runner(e.model, channels_last=False), crops)
+    for fmt, path in e.files.items():
+        v = e.verify[fmt]
+        assert v["precision"] == "fp16" and v["tolerance"] == PRECISION_TOLERANCE["fp16"] and v["mismatches"] == 0
+        s32 = v["vs_fp32"]
+        # it does compute in fp16 (not silently fp32), within what fp16 costs (measured <= 3e-3 here)
+        assert 0 < s32["max_rel_diff"] <= PRECISION_TOLERANCE["fp16"]
+        assert all(np.isfinite(x) for x in s32.values()) and s32["points"] == len(crops) * J
+        runner = load_runner(path)                           # as okdpose predict loads it: float32 in and out
+        assert runner.meta.precision == "fp16"
+        hm, _ = runner(crops.images)
+        assert hm.dtype == np.float32 and hm.shape == ref32.shape
+        np.testing.assert_allclose(hm, ref32, rtol=0, atol=PRECISION_TOLERANCE["fp16"] * np.abs(ref32).max())
+    assert e.verify["full_model"]["tolerance"] == TOL         # the fp32 stage model itself: fp32's bound
+
+
+def tiniest():
+    """bf16 is emulated on CPUs without bf16 units (20-30x slower): the tiniest model, meta and crops."""
+    p = params_from_dict({"data": {"image_size": [32, 32], "heatmap_size": [8, 8]},
+                          "model": {"width": 2, "n_stage": 2}, "loss": {"kld_couples": [[1, 2]]}})
+    m = fakes.trained_like(2, 2, 0, num_joints=J, input_hw=(32, 32))
+    return m, DeployMeta.for_model(p, m, stage=2), random_crops(2, HeatmapCodec((32, 32), (8, 8), 1.0))
+
+
+def test_bf16_torchscript_export_runs_and_is_verified(tmp_path):
+    m, meta, crops = tiniest()
+    e = export_stage(m, 2, tmp_path, meta, crops, formats=("torchscript",), precision="bf16", max_near_ties=1.0)
+    path = e.files["torchscript"]
+    assert read_meta(path).precision == "bf16" and e.precision == {"torchscript": "bf16"}
+    assert weight_dtypes(path) == {torch.bfloat16}
+    v = e.verify["torchscript"]
+    assert v["precision"] == "bf16" and v["tolerance"] == PRECISION_TOLERANCE["bf16"] and v["mismatches"] == 0
+    assert 0 < v["vs_fp32"]["max_rel_diff"] <= PRECISION_TOLERANCE["bf16"]
+    out = torchscript_runner(path)(crops.images)
+    assert out.dtype == np.float32 and out.shape == (2, J, 8, 8)
+
+
+def test_bf16_onnx_is_refused_with_the_fix(model, crops, tmp_path):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict({"export": {"precision": "bf16"}})            # default formats: onnx and torchscript
+    for w in ("export.precision", "bf16", "export.formats: [torchscript]", "fp16"):
+        assert w in str(err.value)
+    assert params_from_dict({"export": {"precision": "bf16", "formats": ["torchscript"]}}).export.precision == "bf16"
+    assert params_from_dict({"export": {"precision": "auto"}}).export.precision == "auto"
+    with pytest.raises(ExportError, match=r"bf16 cannot be written as onnx.*export.formats: \[torchscript\]"):
+        export_stage(model, 2, tmp_path / "x", meta_for(2), crops, precision="bf16")
+    assert not (tmp_path / "x").exists()                              # refused before any work
+    with pytest.raises(ParamsError, match=r"export.precision is 'int8'; choose one of"):
+        params_from_dict({"export": {"precision": "int8"}})
+
+
+def test_auto_precision_follows_the_cpus_bf16_units():
+    for flags, ts in (({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f"}, "fp32"), ({"avx512_bf16"}, "bf16"),
+                      ({"amx_bf16", "amx_tile"}, "bf16")):
+        assert export_precision("auto", "torchscript", flags) == ts
+        assert export_precision("auto", "onnx", flags) == "fp32"    # onnxruntime's CPU fp16 is slower than fp32
+    for asked in ("fp32", "fp16", "bf16"):
+        assert export_precision(asked, "torchscript", {"avx2"}) == asked
+    assert precision_info("auto", ["onnx", "torchscript"], {"fma", "amx_bf16", "avx2"}) == {
+        "precision_asked": "auto", "precision": {"onnx": "fp32", "torchscript": "bf16"},
+        "cpu_flags": "avx2 fma amx_bf16"}
+
+
+def test_auto_exports_bf16_torchscript_and_fp32_onnx_on_a_cpu_with_bf16_units(tmp_path, monkeypatch):
+    m, meta, crops = tiniest()
+    monkeypatch.setattr("okdpose.export.native_bf16", lambda device, flags=None: True)     # e.g. AMX
+    e = export_stage(m, 2, tmp_path, meta, crops, precision="auto", max_near_ties=1.0)
+    assert e.precision == {"onnx": "fp32", "torchscript": "bf16"}
+    assert read_meta(e.files["onnx"]) == meta and read_meta(e.files["torchscript"]).precision == "bf16"
+    assert e.verify["onnx"]["tolerance"] == 1e-4 and e.verify["torchscript"]["tolerance"] == PRECISION_TOLERANCE["bf16"]
+
+
+def test_a_file_cannot_claim_another_precision_than_it_computes(model):
+    sm = stage_model(model, 1)
+    with pytest.raises(ExportError, match="metadata says precision fp32 but the model computes in fp16"):
+        torchscript_bytes(lowered(sm, "fp16"), meta_for(1), TINY_IMAGE_SIZE)
+    with pytest.raises(ExportError, match="fp16 already"):
+        lowered(lowered(sm, "fp16"), "bf16")
+
+
+def test_a_precision_whose_range_cannot_hold_the_model_is_refused(crops, tmp_path):
+    tiny = trained_like()
+    with torch.no_grad():
+        head = tiny.get_submodule(tiny.head_layer_names()[-1])
+        head.weight.mul_(1e-10)
+        head.bias.mul_(1e-10)                                # ~1e-10 heatmaps: below fp16's smallest subnormal
+    with pytest.raises(ExportError, match=r"stage 3 in fp16: PyTorch's own fp16 heatmaps underflow to zero.*bf16"):
+        export_stage(tiny, 3, tmp_path, meta_for(3), crops, formats=("onnx",), precision="fp16")
+
+
+def test_precision_shift_measures_heatmaps_and_keypoints():
+    ref = np.zeros((1, 2, 16, 12), np.float32)
+    ref[0, :, 5, 5] = 1.0
+    got = ref.copy()
+    got[0, 1, 5, 5], got[0, 1, 9, 9] = 0.9, 0.95                # joint 1's peak moves 4 heatmap px each way
+    s = precision_shift(ref, got, codec_crops(1))
+    assert s["max_rel_diff"] == pytest.approx(0.95) and s["points_moved_1px"] == 1 and s["points"] == 2
+    assert s["shift_px_max"] > 1 and s["shift_px_mean"] == pytest.approx(s["shift_px_max"] / 2)
+
+
+def test_report_times_a_lower_precision_next_to_its_fp32_counterpart(model, exported_fp16, crops):
+    r = export_report(model, [exported_fp16], crops, batches=(1,), repeats=1, threads=1)
+    want = {"pytorch": "fp32", "onnxruntime": "fp16", "onnxruntime_fp32": "fp32", "torchscript": "fp16",
+            "torchscript_fp32": "fp32"}
+    assert r["stage2"]["precision"] == r["teacher"]["precision"] == want     # the teacher in the same precision
+    assert set(r["stage2"]["latency_ms"]) == set(r["stage2"]["speedup"]) == set(want)
+    lines = latency_lines(r)
+    assert "precision" in lines[0] and any(" onnxruntime_fp32 " in ln and " fp32 " in ln for ln in lines)
+    assert any(ln.split()[1:3] == ["onnxruntime", "fp16"] for ln in lines)
 
 
 # --------------------------------------------------------------------------- params
@@ -298,3 +450,28 @@ def test_command_exports_one_stage_and_reports_user_errors(root, capsys):
     assert "stage 4 is not an output" in capsys.readouterr().err
     assert main(["--model", "missing.pt", "--stage", "1"], prog="okdpose export") == 2
     assert "missing.pt" in capsys.readouterr().err
+    assert main(["--stage", "1", "--formats", "onnx", "--precision", "bf16", "--out", "bf"], prog="okdpose export") == 2
+    assert "export.formats: [torchscript]" in capsys.readouterr().err and not (root / "bf").exists()
+
+
+def test_command_exports_fp16_and_says_what_it_costs(root, capsys):
+    assert main(["--stage", "2", "--formats", "onnx", "--precision", "fp16", "--out", "cli16"]) == 0
+    assert read_meta(root / "cli16" / "stage2.onnx").precision == "fp16"
+    out = capsys.readouterr().out
+    assert "onnx, fp16, verified on" in out and "vs fp32:" in out and "keypoints moved" in out
+
+
+def test_stage_records_the_precision_and_what_it_moves(root, monkeypatch):
+    monkeypatch.setattr("okdpose.tracking.Tracker", FakeTracker)
+    FakeTracker.runs = []
+    (root / "params.yaml").write_text(yaml.safe_dump({**STAGE_PARAMS, "export": {
+        **STAGE_PARAMS["export"], "stages": [2], "latency_batches": [1], "precision": "fp16"}}))
+    runpy.run_path(str(ROOT / "stages" / "export.py"), run_name="__main__")
+    m = json.loads((root / "reports" / "export.json").read_text())
+    assert m["precision_asked"] == "fp16" and m["precision"] == {"onnx": "fp16", "torchscript": "fp16"}
+    assert "avx2" in m["cpu_flags"].split() or not m["cpu_flags"]   # this CPU's reported flags
+    for fmt, suffix in (("onnx", ".onnx"), ("torchscript", ".pt")):
+        v = m["stage2"]["verify"][fmt]
+        assert v["precision"] == "fp16" and set(v["vs_fp32"]) >= {"max_rel_diff", "shift_px_mean", "shift_px_max"}
+        assert read_meta(root / "models" / "export" / f"stage2{suffix}").precision == "fp16"
+    assert m["stage2"]["precision"]["onnxruntime"] == "fp16" and "onnxruntime_fp32" in m["stage2"]["latency_ms"]

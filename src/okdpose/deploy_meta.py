@@ -7,6 +7,11 @@ predict` treats every model the same way. Sizes are [w, h]; joints are 0-based.
 
     meta = DeployMeta.for_model(p, model, stage=3, test_ap=0.41, source={"commit": "abc123"})
     DeployMeta.from_json(meta.to_json()) == meta
+    replace(meta, precision="fp16").precision      # what the model computes in (its I/O is float32 always)
+
+`precision` is written only when it is not fp32, so fp32 exports carry the same JSON as before the
+field existed, and a reader that predates it still runs a lower-precision file correctly (its
+input and output are float32 either way).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
 
 META_KEY = "okdpose"            # ONNX metadata_props key; TorchScript extra file META_KEY + ".json"
 META_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "bf16")   # compute dtypes an export may have (`okdpose.export`)
 
 
 class MetaError(ValueError):
@@ -48,6 +54,7 @@ class DeployMeta:
     test_ap: float | None = None            # the stage's test AP (metrics/eval.json) when known
     source: dict[str, Any] = field(default_factory=dict)   # commit, dvc experiment, checkpoint file
     version: int = META_VERSION
+    precision: str = "fp32"                 # compute dtype inside the model (PRECISIONS); I/O is float32
 
     @classmethod
     def from_params(cls, p: "Params", *, stage: int, test_ap: float | None = None,
@@ -84,7 +91,10 @@ class DeployMeta:
         return spec
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["precision"] == "fp32":        # the default: fp32 files stay byte-identical to those before the field
+            del d["precision"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "model metadata") -> "DeployMeta":
@@ -98,9 +108,12 @@ class DeployMeta:
             raise MetaError(f"{where}: metadata version {raw.get('version')!r}, this code reads {META_VERSION}; "
                             "re-export the model with this version (dvc repro export)")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - raw.keys() - {"test_ap", "source", "version"})
+        missing = sorted(names - raw.keys() - {"test_ap", "source", "version", "precision"})
         if missing:
             raise MetaError(f"{where}: missing fields {missing}")
+        if raw.get("precision", "fp32") not in PRECISIONS:
+            raise MetaError(f"{where}: precision {raw['precision']!r}, this code knows {list(PRECISIONS)}; "
+                            "re-export the model with this version (dvc repro export)")
         tuples = {"joint_names", "image_size", "heatmap_size", "mean", "std", "depth_range"}
         vals = {k: (tuple(v) if k in tuples else v) for k, v in raw.items() if k in names}
         vals["flip_pairs"] = tuple(tuple(p) for p in raw["flip_pairs"])

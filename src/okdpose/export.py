@@ -9,6 +9,7 @@ stages are 1-based (`MultiOutHRNet.output_stages`).
     write_torchscript(sm, "stage3.pt", meta)
     read_meta("stage3.onnx")                     # -> DeployMeta (also for .pt)
     compare(reference_hm, onnx_runner("stage3.onnx")(x), crops, tolerance=1e-4)   # or ExportError
+    low = lowered(sm, "fp16")                    # computes in fp16, float32 in and out (export.precision)
 
 Agreement (`compare`): max |export - PyTorch| <= tolerance x max |PyTorch heatmap|, and the decoded
 keypoints (`HeatmapCodec.decode`) identical at every point whose decoding such a difference
@@ -18,6 +19,17 @@ max |diff|; near-ties are counted, and above a share of `max_near_ties` (flat he
 untrained model) the keypoint check is recorded as "inconclusive" with a warning instead of
 "passed" (the heatmaps still had to agree). Outside them the bound makes the points equal, so an
 unequal one means that decoding itself went wrong, and fails.
+
+Precision (`export.precision`, per format `export_precision`): fp32 as always; fp16 / bf16 fold
+BN in fp32, then cast the weights and wrap the model so that it casts its float32 input to that
+dtype and its heatmaps back to float32 (`lowered`): callers (`okdpose predict`) feed and read
+float32 whatever the file computes in, and DeployMeta.precision says which. bf16 is TorchScript
+only (ONNX Conv has no bfloat16); onnxruntime's x86 CPU provider runs an fp16 graph in fp32 on
+its fp16-rounded weights (no fp16 kernels: same speed, half the file). A lower-precision file
+is verified against PyTorch eager running the same lowered model (what the file claims to
+compute) with that dtype's measured bound `PRECISION_TOLERANCE`; `export.tolerance` stays the
+fp32 bound. What the lower precision costs is recorded next to it, never traded silently:
+`precision_shift` of the file's heatmaps and decoded keypoints against the fp32 PyTorch model.
 """
 from __future__ import annotations
 
@@ -31,16 +43,17 @@ import sys
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from okdpose.codec import HeatmapCodec, get_max_preds
-from okdpose.deploy_meta import META_KEY, DeployMeta, MetaError
+from okdpose.deploy_meta import META_KEY, PRECISIONS, DeployMeta, MetaError
+from okdpose.device import BF16_CPU_FLAGS, cpu_flags, native_bf16, reported_flags
 from okdpose.files import atomic_path
 from okdpose.model import MultiOutHRNet, count_params, forward_flops
 from okdpose.model.fuse import fold_batchnorm
@@ -52,6 +65,23 @@ INPUT_NAME, OUTPUT_NAME = "input", "heatmaps"
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 RUNTIMES = {"onnx": "onnxruntime", "torchscript": "torchscript"}    # format -> runtime timed
 TRACE_BATCH = 2                             # example batch of the exports; verification uses others
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ONNX Conv has no tensor(bfloat16) up to opset 20 (onnxruntime rejects such a graph)
+FORMAT_PRECISIONS = {"onnx": ("fp32", "fp16"), "torchscript": PRECISIONS}
+# max |export - PyTorch eager in the same dtype| / max |heatmap| of a lower-precision export
+# (export.tolerance is the fp32 bound), and the |export - fp32| above which the export warns.
+# Measured on a 2-core AVX2 CPU (torch 2.14.1, onnxruntime 1.32; W8 default trained model on 32
+# test crops, W8 kaiming-initialised "trained-like" models on 8, tiny W4 test models on random
+# inputs; stages 1-4): onnxruntime fp16 vs torch fp16 <= 4.3e-3 (W8) / 1.2e-2 (W4); TorchScript
+# fp16 and bf16 vs eager 0 (the same kernels); vs fp32: fp16 <= 3.8e-3 (W8) / 2.0e-2 (W4), bf16
+# <= 2.8e-2 (W8) / 1.0e-1 (W4). Two implementations of one dtype (another CPU's bf16 kernels,
+# onnxruntime's fp16 graph) may round apart by up to about twice their distance from fp32:
+# fp16 4x over the largest same-dtype difference, bf16 2x over its largest fp32 distance; a
+# wrong model is ~1 off. (W8 default-initialised weights give ~1e-8 heatmaps, which fp16
+# cannot hold: `_check_range` refuses them.)
+PRECISION_TOLERANCE = {"fp16": 5e-2, "bf16": 2e-1}
+# CPU flags of units that run fp16 convolutions natively (oneDNN); without them torch emulates fp16
+FP16_CPU_FLAGS = ("avx512_fp16", "amx_fp16")
 
 Runner = Callable[[np.ndarray], np.ndarray]     # (N, 3, H, W) float32 -> (N, J, h, w) float32
 
@@ -63,15 +93,20 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------- the standalone model
 
 class StageModel(nn.Module):
-    """Stage `stage` of a MultiOutHRNet alone: (N, 3, H, W) -> (N, J, h, w), one tensor."""
+    """Stage `stage` of a MultiOutHRNet alone: (N, 3, H, W) float32 -> (N, J, h, w) float32, one
+    tensor, computed in `precision` (the weights' dtype; `lowered`)."""
 
-    def __init__(self, net: MultiOutHRNet) -> None:
+    def __init__(self, net: MultiOutHRNet, precision: str = "fp32") -> None:
         super().__init__()
         self.net = net
         self.stage, self.num_joints = net.n_stage, net.num_joints
+        self.precision = precision
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)[0]
+        if self.precision == "fp32":         # the graph fp32 exports always had: no casts
+            return self.net(x)[0]
+        # the casts are part of the exported graph: its interface stays float32
+        return self.net(x.to(DTYPES[self.precision]))[0].float()
 
 
 def stage_model(model: MultiOutHRNet, stage: int, *, fold: bool = True) -> StageModel:
@@ -93,6 +128,46 @@ def stage_model(model: MultiOutHRNet, stage: int, *, fold: bool = True) -> Stage
     if fold:
         fold_batchnorm(net)
     return StageModel(net).eval()
+
+
+def lowered(sm: StageModel, precision: str) -> StageModel:
+    """A copy of `sm` (BN already folded, in fp32) whose weights are cast to `precision` and which
+    casts its float32 input to it and its heatmaps back to float32; `sm` itself for fp32."""
+    if precision not in DTYPES:
+        raise ExportError(f"precision {precision!r}: choose one of {list(DTYPES)}")
+    if precision == sm.precision:
+        return sm
+    if sm.precision != "fp32":
+        raise ExportError(f"stage model is {sm.precision} already; lower the fp32 stage model to {precision}")
+    return StageModel(copy.deepcopy(sm.net).to(DTYPES[precision]), precision).eval()
+
+
+def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None) -> str:
+    """The compute precision of the `fmt` export for export.precision `asked` on this CPU (or on
+    one with `flags`): as asked; auto: TorchScript bf16 where the CPU has bf16 units
+    (`okdpose.device.native_bf16`: without them torch emulates bf16, 20-30x slower than fp32 on
+    an AVX2 CPU), else fp32; ONNX always fp32: onnxruntime's x86 CPU provider has no fp16
+    convolution kernels and runs an fp16 graph as fp32 on fp16-rounded weights (its optimised
+    graph has float32 initialisers; W8 latency equal to fp32's within 8 %, AVX2), so fp16 buys
+    only the half-size file and costs the rounding: ask for it by name (for that, or for a GPU /
+    ARM runtime). ExportError for a precision the format cannot hold (bf16 ONNX)."""
+    if fmt not in FORMAT_PRECISIONS:
+        raise ExportError(f"format {fmt!r}: choose one of {list(FORMAT_PRECISIONS)}")
+    if asked == "auto":
+        return "bf16" if fmt == "torchscript" and native_bf16(torch.device("cpu"), flags) else "fp32"
+    if asked not in FORMAT_PRECISIONS[fmt]:
+        if asked in DTYPES:
+            raise ExportError(f"export.precision {asked} cannot be written as {fmt} (ONNX Conv has no bfloat16 type "
+                              f"up to opset 20): set export.formats: [torchscript], or export.precision: fp16 or fp32")
+        raise ExportError(f"export.precision is {asked!r}; choose auto, fp32, fp16 or bf16")
+    return asked
+
+
+def precision_info(asked: str, formats: Sequence[str], flags: Iterable[str] | None = None) -> dict[str, Any]:
+    """What reports/export.json records of the precision: asked, per format as resolved on this
+    CPU, and the CPU flags that decide `auto` and the speed (`okdpose.device.reported_flags`)."""
+    return {"precision_asked": asked, "precision": {fmt: export_precision(asked, fmt, flags) for fmt in formats},
+            "cpu_flags": " ".join(reported_flags(flags))}
 
 
 # --------------------------------------------------------------------------- writing and reading files
@@ -120,6 +195,7 @@ def onnx_bytes(sm: StageModel, meta: DeployMeta | None, image_size: Sequence[int
     `meta` as metadata_props["okdpose"] (None: none, e.g. a model only timed), checked by `onnx.checker`."""
     import onnx
 
+    _check_precision(sm, meta)
     buf = io.BytesIO()
     with _quiet(), torch.no_grad():
         torch.onnx.export(sm, (_example(image_size),), buf, dynamo=False, opset_version=opset,
@@ -130,6 +206,8 @@ def onnx_bytes(sm: StageModel, meta: DeployMeta | None, image_size: Sequence[int
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_KEY, meta.to_json()
         proto.doc_string = f"okdpose HRNet-W{meta.width} stage {meta.stage} of {meta.n_stage_trained}: {meta.joints} heatmaps"
+        if meta.precision != "fp32":         # fp32 files keep the doc string they always had
+            proto.doc_string += f" (computed in {meta.precision}, float32 input and output)"
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
@@ -137,11 +215,19 @@ def onnx_bytes(sm: StageModel, meta: DeployMeta | None, image_size: Sequence[int
 def torchscript_bytes(sm: StageModel, meta: DeployMeta | None, image_size: Sequence[int]) -> bytes:
     """`torch.jit.trace` of `sm` (contiguous weights) saved with `meta` as extra file okdpose.json.
     Tracing records this model's one control-flow-free path; `compare` checks it at other batch sizes."""
+    _check_precision(sm, meta)
     buf = io.BytesIO()         # through a file object: equal models give equal bytes (okdpose.files.save_deterministic)
     with _quiet(), torch.no_grad():
         traced = torch.jit.trace(sm, _example(image_size), check_trace=False)
         torch.jit.save(traced, buf, _extra_files={META_FILE: meta.to_json()} if meta is not None else None)
     return buf.getvalue()
+
+
+def _check_precision(sm: StageModel, meta: DeployMeta | None) -> None:
+    """A file whose metadata names another precision than its graph computes in would mislead."""
+    if meta is not None and meta.precision != sm.precision:
+        raise ExportError(f"the metadata says precision {meta.precision} but the model computes in {sm.precision}; "
+                          "pass replace(meta, precision=sm.precision)")
 
 
 def write_export(sm: StageModel, path: str | Path, meta: DeployMeta, image_size: Sequence[int],
@@ -317,9 +403,25 @@ def compare(ref: np.ndarray, got: np.ndarray, crops: Crops, *, tolerance: float,
     report["keypoint_check"] = "passed" if ties.mean() <= max_near_ties else "inconclusive"
     if report["keypoint_check"] != "passed":
         log.warning("%s: %d of %d points are decoding near-ties (> %g): the heatmaps are too flat for the keypoint "
-                    "check to mean much (an untrained model?); the heatmaps agree within the tolerance",
-                    what, ties.sum(), ties.size, max_near_ties)
+                    "check to mean much at max |diff| %.2g (an untrained model, or a lower precision's rounding?); "
+                    "the heatmaps agree within the tolerance", what, ties.sum(), ties.size, max_near_ties, diff)
     return report
+
+
+def precision_shift(ref32: np.ndarray, got: np.ndarray, crops: Crops) -> dict[str, float]:
+    """How far heatmaps `got` (N, J, h, w) of a lower-precision export lie from the fp32 PyTorch
+    model's `ref32`: max |diff| / max |ref32| and the shift of the decoded keypoints, frame px
+    (mean and max over the N x J points, and how many moved more than 1 px: a point whose
+    heatmap has two near-equal peaks may jump between them, which the max alone would hide)."""
+    ref32, got = ref32.astype(np.float32), got.astype(np.float32)
+    scale = float(np.abs(ref32).max())
+    diff = float(np.abs(got - ref32).max()) if np.isfinite(got).all() else float("inf")
+    xy_ref, _ = crops.codec.decode(ref32, crops.center, crops.scale)
+    xy_got, _ = crops.codec.decode(got, crops.center, crops.scale)
+    shift = np.linalg.norm(np.asarray(xy_got, np.float64) - np.asarray(xy_ref, np.float64), axis=-1)
+    return {"max_rel_diff": diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")),
+            "shift_px_mean": float(shift.mean()), "shift_px_max": float(shift.max()),
+            "points_moved_1px": int((shift > 1.0).sum()), "points": int(shift.size)}
 
 
 def heatmaps(run: Runner, crops: Crops, batch: int | None = None) -> np.ndarray:
@@ -373,38 +475,89 @@ def latency_ms(runners: Mapping[str, Mapping[str, Runner]], images: np.ndarray, 
 
 @dataclass
 class StageExport:
-    """One exported stage: its model, files (format -> path) and verification numbers."""
+    """One exported stage: its fp32 model, files (format -> path), verification numbers and the
+    files' compute precision (format -> fp32 | fp16 | bf16)."""
 
     stage: int
     model: StageModel
     files: dict[str, Path]
     verify: dict[str, dict[str, Any]]
+    precision: dict[str, str] = field(default_factory=dict)     # absent format: fp32
 
 
 def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: DeployMeta, crops: Crops, *,
                  formats: Sequence[str] = ("onnx", "torchscript"), opset: int = 17, tolerance: float = 1e-4,
-                 max_near_ties: float = 0.05, threads: int = 1) -> StageExport:
+                 max_near_ties: float = 0.05, threads: int = 1, precision: str = "fp32") -> StageExport:
     """Build stage `stage` of `model` alone, check it equals that output of `model`, write
-    out_dir/stage{k}.onnx / .pt and check each file's outputs (onnxruntime, TorchScript) against the
-    PyTorch stage model on `crops`, all at once and one crop alone (dynamic batch); ExportError on
-    any disagreement."""
+    out_dir/stage{k}.onnx / .pt in `precision` (export.precision, resolved per format by
+    `export_precision`) and check each file's outputs (onnxruntime, TorchScript) against the
+    PyTorch stage model in the file's precision on `crops`, all at once and one crop alone
+    (dynamic batch); ExportError on any disagreement. Lower precisions are checked with
+    `PRECISION_TOLERANCE` and get verify[fmt]["vs_fp32"] (`precision_shift`)."""
+    precs = {fmt: export_precision(precision, fmt) for fmt in formats}    # before any work: a bad pair fails fast
     sm = stage_model(model, stage)
     ref = heatmaps(torch_runner(sm, channels_last=False), crops)
-    kw = dict(tolerance=tolerance, max_near_ties=max_near_ties)
-    verify = {"full_model": compare(full_model_heatmaps(model, stage, crops), ref, crops,
-                                    what=f"stage {stage} alone vs the whole model's stage {stage}", **kw)}
+    verify = {"full_model": compare(full_model_heatmaps(model, stage, crops), ref, crops, tolerance=tolerance,
+                                    max_near_ties=max_near_ties,
+                                    what=f"stage {stage} alone vs the whole model's stage {stage}")}
+    refs = {"fp32": ref}        # PyTorch eager in each precision: what a file of that precision claims to compute
     files = {}
-    for fmt in formats:
-        path = write_export(sm, Path(out_dir) / f"stage{stage}{SUFFIX[fmt]}", meta, crops.codec.image_size, fmt, opset)
+    for fmt, prec in precs.items():
+        low = lowered(sm, prec)
+        _warn_if_emulated(prec, fmt)
+        if prec not in refs:
+            refs[prec] = heatmaps(torch_runner(low, channels_last=False), crops)
+            _check_range(ref, refs[prec], prec, stage)
+        kw = dict(tolerance=tolerance if prec == "fp32" else PRECISION_TOLERANCE[prec], max_near_ties=max_near_ties)
+        path = write_export(low, Path(out_dir) / f"stage{stage}{SUFFIX[fmt]}", replace(meta, precision=prec),
+                            crops.codec.image_size, fmt, opset)
         run = onnx_runner(path, threads) if fmt == "onnx" else torchscript_runner(path)
         got = heatmaps(run, crops)
-        verify[fmt] = compare(ref, got, crops, what=f"{path} ({RUNTIMES[fmt]})", **kw)
+        what = f"{path} ({RUNTIMES[fmt]}{'' if prec == 'fp32' else ', ' + prec} vs PyTorch {prec})"
+        verify[fmt] = compare(refs[prec], got, crops, what=what, **kw)
         one = heatmaps(run, crops, batch=1)                       # another batch size than the trace's and the above
-        verify[fmt]["batch1_max_abs_diff"] = compare(ref, one, crops, what=f"{path} at batch 1", **kw)["max_abs_diff"]
+        verify[fmt]["batch1_max_abs_diff"] = compare(refs[prec], one, crops, what=f"{what} at batch 1",
+                                                     **kw)["max_abs_diff"]
+        # what the precision costs next to the fp32 model, recorded for every file (fp32: rounding only)
+        verify[fmt].update(precision=prec, vs_fp32=precision_shift(ref, got, crops))
         files[fmt] = path
-        log.info("stage %d %s: %s, max |diff| %.3g (%.2g of the heatmap scale)", stage, fmt, path,
-                 verify[fmt]["max_abs_diff"], verify[fmt]["rel_diff"])
-    return StageExport(stage, sm, files, verify)
+        s32 = verify[fmt]["vs_fp32"]
+        if prec != "fp32" and not s32["max_rel_diff"] <= PRECISION_TOLERANCE[prec]:
+            log.warning("stage %d %s in %s moves the heatmaps by %.2g of their scale from fp32's, more than %s usually "
+                        "does (<= %g): check the keypoints' shift in reports/export.json, or export in fp32", stage,
+                        fmt, prec, s32["max_rel_diff"], prec, PRECISION_TOLERANCE[prec])
+        log.info("stage %d %s (%s): %s, max |diff| %.3g (%.2g of the heatmap scale); vs fp32 %.2g, keypoints moved "
+                 "%.2g px on average, %.2g px at most, %d of %d by > 1 px", stage, fmt, prec, path,
+                 verify[fmt]["max_abs_diff"], verify[fmt]["rel_diff"], s32["max_rel_diff"], s32["shift_px_mean"],
+                 s32["shift_px_max"], s32["points_moved_1px"], s32["points"])
+    return StageExport(stage, sm, files, verify, precs)
+
+
+def _check_range(ref32: np.ndarray, low: np.ndarray, prec: str, stage: int) -> None:
+    """ExportError when PyTorch's own `prec` heatmaps collapsed (inf / NaN, or all zero where
+    fp32's are not): the dtype's range (fp16: normal 6e-5 .. 65504) does not hold the model's
+    activations, and no file of it can be right (an untrained model's ~1e-8 heatmaps underflow)."""
+    finite = bool(np.isfinite(low).all())
+    if finite and (np.abs(low).max() > 0 or np.abs(ref32).max() == 0):
+        return
+    what = "overflow (inf / NaN)" if not finite else "underflow to zero"
+    other = "bf16 (TorchScript only: fp32's range) or fp32" if prec == "fp16" else "fp32"
+    raise ExportError(f"stage {stage} in {prec}: PyTorch's own {prec} heatmaps {what} while fp32's peak |heatmap| is "
+                      f"{np.abs(ref32).max():.3g}: {prec}'s range does not hold this model's activations; set "
+                      f"export.precision: {other}")
+
+
+def _warn_if_emulated(prec: str, fmt: str) -> None:
+    """Say so when this CPU emulates the precision asked (the file is right, but slow here)."""
+    cpu = torch.device("cpu")
+    if prec == "bf16" and not native_bf16(cpu):
+        log.warning("export.precision bf16: this CPU has no bf16 units (%s): torch emulates bf16, 20-30x slower "
+                    "than fp32 (measured, AVX2); the %s file is verified, and meant for CPUs with them or GPUs",
+                    "/".join(BF16_CPU_FLAGS), fmt)
+    if prec == "fp16" and fmt == "torchscript" and not set(FP16_CPU_FLAGS) & cpu_flags():
+        log.warning("export.precision fp16: this CPU has no fp16 units (%s): torch emulates fp16 convolutions, "
+                    "20-30x slower than fp32 (measured, AVX2); the TorchScript file is verified, and meant for GPUs "
+                    "or CPUs with them", "/".join(FP16_CPU_FLAGS))
 
 
 def stage_runners(sm: StageModel, files: Mapping[str, Path | bytes], threads: int) -> dict[str, Runner]:
@@ -415,36 +568,63 @@ def stage_runners(sm: StageModel, files: Mapping[str, Path | bytes], threads: in
     return runners
 
 
+def export_bytes(sm: StageModel, fmt: str, image_size: Sequence[int], opset: int = 17) -> bytes:
+    """`sm` in `fmt` without metadata, in memory (a model only timed)."""
+    return onnx_bytes(sm, None, image_size, opset) if fmt == "onnx" else torchscript_bytes(sm, None, image_size)
+
+
+def runtime_precisions(precision: Mapping[str, str]) -> dict[str, str]:
+    """{runtime: its precision} of the runners `export_report` times for files of `precision`
+    ({format: precision}): eager PyTorch fp32, each file, a lower-precision file's fp32 twin."""
+    out = {"pytorch": "fp32"}
+    for fmt, prec in precision.items():
+        out[RUNTIMES[fmt]] = prec
+        if prec != "fp32":
+            out[f"{RUNTIMES[fmt]}_fp32"] = "fp32"
+    return out
+
+
 def export_report(model: MultiOutHRNet, exports: Sequence[StageExport], crops: Crops, *,
                   batches: Sequence[int] = (1, 8), repeats: int = 10, threads: int = 1, opset: int = 17,
                   formats: Sequence[str] = ("onnx", "torchscript")) -> dict[str, Any]:
     """Cost of each export next to the teacher's (the model's last output as a standalone model,
-    exported the same way in memory when not among `exports`), all timed side by side in one run
-    -> {"teacher": {stage, params_M, gflops, latency_ms}, "stage{k}": {params_M, gflops,
-    flop_ratio, file_MB, latency_ms, speedup, verify}}; speed-up and FLOP ratio are teacher / stage,
-    latency_ms is {runtime: {"b{batch}": ms}}."""
+    exported the same way, in the exports' precision, in memory when not among `exports`), all
+    timed side by side in one run -> {"teacher": {stage, params_M, gflops, precision,
+    latency_ms}, "stage{k}": {params_M, gflops, flop_ratio, file_MB, precision, latency_ms,
+    speedup, verify}}; speed-up and FLOP ratio are teacher / stage, latency_ms is {runtime:
+    {"b{batch}": ms}}, precision {runtime: fp32 | fp16 | bf16} (a lower-precision file's fp32
+    counterpart is timed too, as "{runtime}_fp32")."""
     image_size = crops.codec.image_size
     models = {f"stage{e.stage}": e.model for e in exports}
+    precs = {f"stage{e.stage}": {fmt: e.precision.get(fmt, "fp32") for fmt in e.files} for e in exports}
     runners = {f"stage{e.stage}": stage_runners(e.model, e.files, threads) for e in exports}
     teacher = f"stage{model.output_stages[-1]}"
     if teacher not in models:
         sm = models[teacher] = stage_model(model, model.output_stages[-1])
-        blobs = {fmt: onnx_bytes(sm, None, image_size, opset) if fmt == "onnx" else torchscript_bytes(sm, None, image_size)
-                 for fmt in formats}
-        runners[teacher] = stage_runners(sm, blobs, threads)
+        precs[teacher] = {fmt: exports[0].precision.get(fmt, "fp32") if exports else "fp32" for fmt in formats}
+        runners[teacher] = stage_runners(sm, {fmt: export_bytes(lowered(sm, p), fmt, image_size, opset)
+                                              for fmt, p in precs[teacher].items()}, threads)
+    for name, by_fmt in precs.items():         # a lower precision is timed next to its fp32 counterpart
+        for fmt, p in by_fmt.items():
+            if p != "fp32":
+                fp32 = stage_runners(models[name], {fmt: export_bytes(models[name], fmt, image_size, opset)}, threads)
+                runners[name][f"{RUNTIMES[fmt]}_fp32"] = fp32[RUNTIMES[fmt]]
     lat = latency_ms(runners, crops.images, batches, repeats=repeats, threads=threads)
     flops = {name: forward_flops(m, image_size) for name, m in models.items()}
     out: dict[str, Any] = {"teacher": {"stage": model.output_stages[-1],
                                        "params_M": round(count_params(models[teacher]) / 1e6, 4),
-                                       "gflops": round(flops[teacher] / 1e9, 4), "latency_ms": lat[teacher]}}
+                                       "gflops": round(flops[teacher] / 1e9, 4),
+                                       "precision": runtime_precisions(precs[teacher]),
+                                       "latency_ms": lat[teacher]}}
     for e in exports:
         name = f"stage{e.stage}"
         out[name] = {
             "params_M": round(count_params(e.model) / 1e6, 4), "gflops": round(flops[name] / 1e9, 4),
             "flop_ratio": round(flops[teacher] / flops[name], 3),
             "file_MB": {fmt: round(path.stat().st_size / 2**20, 3) for fmt, path in e.files.items()},
+            "precision": runtime_precisions(precs[name]),
             "latency_ms": lat[name],
-            "speedup": {rt: {b: round(lat[teacher][rt][b] / ms, 3) for b, ms in by_b.items()}
+            "speedup": {rt: {b: round(lat[teacher][rt][b] / ms, 3) for b, ms in by_b.items() if rt in lat[teacher]}
                         for rt, by_b in lat[name].items()},
             "verify": e.verify,
         }
@@ -488,15 +668,17 @@ def stage_meta(p: Any, model: MultiOutHRNet, stage: int, *, test_ap: float | Non
 
 def export_stages(model: MultiOutHRNet, metas: Mapping[int, DeployMeta], out_dir: str | Path, crops: Crops,
                   *, formats: Sequence[str] = ("onnx", "torchscript"), opset: int = 17, tolerance: float = 1e-4,
-                  max_near_ties: float = 0.05, threads: int = 1) -> list[StageExport]:
+                  max_near_ties: float = 0.05, threads: int = 1, precision: str = "fp32") -> list[StageExport]:
     """`export_stage` for each stage of `metas` ({stage: its metadata}), in that order."""
     return [export_stage(model, k, out_dir, meta, crops, formats=formats, opset=opset, tolerance=tolerance,
-                         max_near_ties=max_near_ties, threads=threads) for k, meta in metas.items()]
+                         max_near_ties=max_near_ties, threads=threads, precision=precision)
+            for k, meta in metas.items()]
 
 
 def latency_lines(report: Mapping[str, Any]) -> list[str]:
-    """The latency table of `export_report` as text: one line per model, runtime and batch."""
-    lines = [f"{'model':<9} {'runtime':<12} {'batch':>5} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>10}"]
+    """The latency table of `export_report` as text: one line per model, runtime (and its
+    precision) and batch."""
+    lines = [f"{'model':<9} {'runtime':<16} {'precision':<9} {'batch':>5} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>10}"]
     for name, r in report.items():
         if name == "teacher" and f"stage{r['stage']}" in report:
             continue                             # the teacher is one of the exports: its own rows
@@ -504,8 +686,9 @@ def latency_lines(report: Mapping[str, Any]) -> list[str]:
             for b, ms in by_b.items():
                 up = r.get("speedup", {}).get(rt, {}).get(b)
                 ratio = r.get("flop_ratio")
-                lines.append(f"{name:<9} {rt:<12} {b[1:]:>5} {ms:>9.2f} {'' if up is None else f'{up:.2f}x':>9} "
-                             f"{'' if ratio is None else f'{ratio:.2f}x':>10}")
+                prec = r.get("precision", {}).get(rt, "fp32")
+                lines.append(f"{name:<9} {rt:<16} {prec:<9} {b[1:]:>5} {ms:>9.2f} "
+                             f"{'' if up is None else f'{up:.2f}x':>9} {'' if ratio is None else f'{ratio:.2f}x':>10}")
     return lines
 
 
@@ -531,6 +714,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int
     ap.add_argument("--eval-metrics", type=Path, default=Path("metrics/eval.json"),
                     help="where the stages' test AP is read for the metadata (default: %(default)s)")
     ap.add_argument("--opset", type=int, help="ONNX opset (default: params export.opset)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"),
+                    help="compute dtype of the files, float32 in and out; bf16: TorchScript only (default: params "
+                         "export.precision)")
     ap.add_argument("--latency", action="store_true", help="also time them next to the teacher and print the table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -541,7 +727,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int
         print(f"{prog}: {args.model}: {arch.describe()}")
         # the file defines the model; params.yaml gives the data settings (and its training sections are moot)
         overrides = {k: v for k, v in (("export.stages", args.stage), ("export.formats", args.formats),
-                                       ("export.opset", args.opset)) if v is not None}
+                                       ("export.opset", args.opset), ("export.precision", args.precision))
+                     if v is not None}
         overrides.update({f"model.{k}": v for k, v in arch.config().items() if k != "num_joints"})
         overrides.update({"model.pretrained": None, "model.checkpoint": None, "loss.use_kld": False,
                           "loss.kld_couples": [], "explain.stages": None})
@@ -555,7 +742,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int
             print(f"{prog}: no prepared data at {args.data}: verifying on random inputs", file=sys.stderr)
             crops = random_crops(e.verify_samples, p.data.codec)
         exports = export_stages(model, metas, args.out, crops, formats=e.formats, opset=e.opset,
-                                tolerance=e.tolerance, max_near_ties=e.max_near_ties, threads=e.threads)
+                                tolerance=e.tolerance, max_near_ties=e.max_near_ties, threads=e.threads,
+                                precision=e.precision)
         if args.latency:
             report = export_report(model, exports, crops, batches=e.latency_batches, repeats=e.latency_repeats,
                                    threads=e.threads, opset=e.opset, formats=e.formats)
@@ -566,8 +754,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int
     for x in exports:
         for fmt, path in x.files.items():
             v = x.verify[fmt]
-            print(f"{path}: stage {x.stage}, {fmt}, verified on {crops.source} (max |diff| {v['max_abs_diff']:.2g}, "
-                  f"{v['near_ties']} near-ties of {v['points']} points)")
+            s32 = v["vs_fp32"]
+            low = "" if v["precision"] == "fp32" else (
+                f"; vs fp32: {s32['max_rel_diff']:.2g} of the heatmap scale, keypoints moved "
+                f"{s32['shift_px_mean']:.2g} px on average, {s32['shift_px_max']:.2g} px at most, "
+                f"{s32['points_moved_1px']} by > 1 px")
+            print(f"{path}: stage {x.stage}, {fmt}, {v['precision']}, verified on {crops.source} (max |diff| "
+                  f"{v['max_abs_diff']:.2g}, {v['near_ties']} near-ties of {v['points']} points{low})")
     return 0
 
 

@@ -344,6 +344,12 @@ class ExportParams:
         if self.latency_repeats < 1 or self.threads < 1:
             raise ParamsError(f"{where}.latency_repeats and {where}.threads must be >= 1, got "
                               f"{self.latency_repeats} and {self.threads}")
+        if self.precision == "bf16" and "onnx" in self.formats:
+            # ONNX Conv has no tensor(bfloat16) up to opset 20: onnxruntime rejects such a graph
+            raise ParamsError(f"{where}.precision is bf16, which ONNX cannot hold (its Conv has no bfloat16 type up "
+                              f"to opset 20; onnxruntime rejects the graph): set {where}.formats: [torchscript] for a "
+                              f"bf16 TorchScript export, or {where}.precision: fp16 or fp32 to keep the ONNX file "
+                              f"({where}.precision: auto picks bf16 for TorchScript only where the CPU has bf16 units)")
 
 
 @dataclass(frozen=True)
