@@ -262,7 +262,7 @@ def test_fp16_exports_compute_in_fp16_with_float32_io_and_record_the_cost(export
 
 
 def tiniest():
-    """bf16 is emulated on CPUs without bf16 units (20-30x slower): the tiniest model, meta and crops."""
+    """bf16 is emulated on CPUs without bf16 units (16-36x slower): the tiniest model, meta and crops."""
     p = params_from_dict({"data": {"image_size": [32, 32], "heatmap_size": [8, 8]},
                           "model": {"width": 2, "n_stage": 2}, "loss": {"kld_couples": [[1, 2]]}})
     m = fakes.trained_like(2, 2, 0, num_joints=J, input_hw=(32, 32))

@@ -145,7 +145,7 @@ def lowered(sm: StageModel, precision: str) -> StageModel:
 def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None) -> str:
     """The compute precision of the `fmt` export for export.precision `asked` on this CPU (or on
     one with `flags`): as asked; auto: TorchScript bf16 where the CPU has bf16 units
-    (`okdpose.device.native_bf16`: without them torch emulates bf16, 20-30x slower than fp32 on
+    (`okdpose.device.native_bf16`: without them torch emulates bf16, 16-36x slower than fp32 on
     an AVX2 CPU), else fp32; ONNX always fp32: onnxruntime's x86 CPU provider has no fp16
     convolution kernels and runs an fp16 graph as fp32 on fp16-rounded weights (its optimised
     graph has float32 initialisers; W8 latency equal to fp32's within 8 %, AVX2), so fp16 buys
@@ -551,12 +551,12 @@ def _warn_if_emulated(prec: str, fmt: str) -> None:
     """Say so when this CPU emulates the precision asked (the file is right, but slow here)."""
     cpu = torch.device("cpu")
     if prec == "bf16" and not native_bf16(cpu):
-        log.warning("export.precision bf16: this CPU has no bf16 units (%s): torch emulates bf16, 20-30x slower "
+        log.warning("export.precision bf16: this CPU has no bf16 units (%s): torch emulates bf16, 16-36x slower "
                     "than fp32 (measured, AVX2); the %s file is verified, and meant for CPUs with them or GPUs",
                     "/".join(BF16_CPU_FLAGS), fmt)
     if prec == "fp16" and fmt == "torchscript" and not set(FP16_CPU_FLAGS) & cpu_flags():
         log.warning("export.precision fp16: this CPU has no fp16 units (%s): torch emulates fp16 convolutions, "
-                    "20-30x slower than fp32 (measured, AVX2); the TorchScript file is verified, and meant for GPUs "
+                    "16-36x slower than fp32 (measured, AVX2); the TorchScript file is verified, and meant for GPUs "
                     "or CPUs with them", "/".join(FP16_CPU_FLAGS))
 
 
