@@ -63,6 +63,26 @@ def test_matmul_rates_are_measured_and_labelled(monkeypatch):
     assert bench.matmul_rates(n=64, repeats=1, warmup=0)["bf16"]["label"] == "native"
     assert bench._matmul_size(torch.float32, min_s=0.0, max_n=512) == 256       # already long enough
     assert bench._matmul_size(torch.float32, min_s=10.0, max_n=320) == 320      # capped
+    again = bench.matmul_rates(repeats=1, warmup=0, ns={"fp32": 64, "bf16": 128})   # re-measured at given sizes
+    assert again["fp32"]["n"] == 64 and again["bf16"]["n"] == 128
+
+
+def test_limit_drift_is_reported_and_warned_beyond_15_percent():
+    m = {"matmul": {"fp32": {"gflop_per_s": 100.0, "source": "measured", "n": 64, "gflop_per_cpu_s": 50.0,
+                             "s_per_call": 1.0, "cpu_util": 2.0},
+                    "bf16": {"gflop_per_s": 200.0, "source": "measured", "n": 64, "gflop_per_cpu_s": 100.0,
+                             "s_per_call": 1.0, "cpu_util": 2.0, "label": "native"}},
+         "native_bf16": True, "cores": 2, "flops_per_cycle": 32, "ghz": 2.5, "nominal_gflops": 160.0}
+    assert bench.limit_drift(m) == {} and "again at the end" not in "\n".join(bench._limits(m))
+    m["matmul_end"] = {"fp32": {"gflop_per_s": 110.0}, "bf16": {"gflop_per_s": 190.0}}
+    assert bench.limit_drift(m) == pytest.approx({"fp32": 10.0, "bf16": -5.0})
+    text = "\n".join(bench._limits(m))
+    assert "again at the end of the run: fp32 110.0 GFLOP/s (+10 %), bf16 190.0 GFLOP/s (-5 %)" in text
+    assert "WARNING" not in text
+    m["matmul_end"]["fp32"]["gflop_per_s"] = 200.0
+    assert "WARNING: the machine's speed changed during the run (matmul +100 %)" in "\n".join(bench._limits(m))
+    m["matmul"]["fp32"]["source"] = "given"                 # --peak-gflops: nothing to compare for fp32
+    assert set(bench.limit_drift(m)) == {"bf16"}
 
 
 def test_train_bench_variants_percentages_of_their_precision_and_bf16_finite():
@@ -263,3 +283,12 @@ def test_loader_bench_on_a_synthetic_set_and_the_report(tmp_path, monkeypatch):
     assert "a. training step" in text and "b. data loading" in text and "targets (CPU Fake CPU 9000" in text
     assert "okd/bf16/channels_last" in text
     json.dumps(result)                                  # --json writes it as is
+
+
+def test_run_all_measures_the_limits_at_both_ends():
+    sizes = dataclasses.replace(bench.QUICK, matmul_min_s=0.0, matmul_repeats=1)
+    r = bench.run_all(sizes, threads=1, sections=())
+    start, end = r["machine"]["matmul"], r["machine"]["matmul_end"]
+    assert set(end) == {"fp32", "bf16"} and all(end[p]["n"] == start[p]["n"] and end[p]["gflop_per_s"] > 0 for p in end)
+    assert set(bench.limit_drift(r["machine"])) == {"fp32", "bf16"}
+    assert "again at the end of the run" in bench.format_report(r, quick=True)

@@ -198,13 +198,15 @@ def _matmul_size(dtype: torch.dtype, min_s: float, max_n: int, start: int = 256)
 
 
 def matmul_rates(threads: Optional[int] = None, min_s: float = 0.2, repeats: int = 3, warmup: int = 1,
-                 max_n: int = 8192, n: Optional[int] = None) -> dict[str, dict[str, Any]]:
+                 max_n: int = 8192, n: Optional[int] = None,
+                 ns: Optional[Mapping[str, int]] = None) -> dict[str, dict[str, Any]]:
     """The measured limits: GFLOP/s of a square fp32 and bf16 `torch.mm` (2 n^3 FLOPs), each
-    sized so a call takes >= `min_s` (or of size `n`), interleaved, medians; with the rate per
-    CPU-second this process got (what `pct_peak_cpu` refers to). bf16 is always measured and
-    labelled native or emulated."""
+    sized so a call takes >= `min_s` (or of size `n`, or per precision `ns`: a re-measurement at
+    the sizes of an earlier one), interleaved, medians; with the rate per CPU-second this process
+    got (what `pct_peak_cpu` refers to). bf16 is always measured and labelled native or emulated."""
     with num_threads(threads):
-        sizes = {p: n or _matmul_size(PRECISIONS[p] or torch.float32, min_s, max_n) for p in PRECISIONS}
+        sizes = {p: (ns or {}).get(p) or n or _matmul_size(PRECISIONS[p] or torch.float32, min_s, max_n)
+                 for p in PRECISIONS}
         mats = {p: torch.randn(k, k, generator=torch.Generator().manual_seed(0)).to(PRECISIONS[p] or torch.float32)
                 for p, k in sizes.items()}
         times = interleaved({p: (lambda a=a: torch.mm(a, a)) for p, a in mats.items()}, repeats, warmup)
@@ -773,6 +775,11 @@ def run_all(sizes: Sizes, threads: Optional[int] = None, peak: Optional[float] =
                                          e2e_repeats=sizes.cam_e2e_repeats, threads=threads, warmup=sizes.cam_warmup)
         out["eigencam"]["explain"] = explain_bench(params, sizes.explain_images, sizes.explain_repeats,
                                                    min(sizes.cam_warmup, 1), threads, bf16=bf16 and native)
+    # the limits again at the same sizes: on a shared VM the machine's speed drifts (seen: the fp32 matmul
+    # 104 to 200 GFLOP/s within minutes), which moves every absolute figure but not the interleaved ratios
+    log("the matmul limits again ...")
+    end = matmul_rates(threads, repeats=sizes.matmul_repeats, ns={p: v["n"] for p, v in rates.items() if "n" in v})
+    out["machine"]["matmul_end"] = {p: {k: end[p][k] for k in ("n", "gflop_per_s", "cpu_util")} for p in end}
     out["load_after"] = round(os.getloadavg()[0], 2)
     out["targets"] = check_targets(out)
     return out
@@ -838,6 +845,17 @@ def machine_line(m: Mapping[str, Any]) -> str:
             f"bf16 {'native' if m['native_bf16'] else 'emulated'}")
 
 
+DRIFT_WARN_PCT = 15.0
+
+
+def limit_drift(m: Mapping[str, Any]) -> dict[str, float]:
+    """Per precision: % change of the measured matmul rate from the start of the run to its end
+    (`machine.matmul_end`); {} when not re-measured or the limit was given."""
+    start, end = m.get("matmul", {}), m.get("matmul_end") or {}
+    return {p: 100.0 * (end[p]["gflop_per_s"] / v["gflop_per_s"] - 1.0) for p, v in start.items()
+            if p in end and v.get("source") == "measured" and v.get("gflop_per_s")}
+
+
 def _limits(m: Mapping[str, Any]) -> list[str]:
     out = []
     for p, v in m["matmul"].items():
@@ -848,6 +866,14 @@ def _limits(m: Mapping[str, Any]) -> list[str]:
             out.append(f"  {p} torch.mm {v['n']}x{v['n']}: {v['gflop_per_s']} GFLOP/s, {v['gflop_per_cpu_s']} per "
                        f"CPU-second, {v['s_per_call']} s/call, cpu util {v['cpu_util']}"
                        + (f" ({v['label']})" if "label" in v else ""))
+    drift = limit_drift(m)
+    if drift:
+        out.append("  again at the end of the run: " + ", ".join(
+            f"{p} {m['matmul_end'][p]['gflop_per_s']} GFLOP/s ({d:+.0f} %)" for p, d in drift.items()))
+        worst = max(drift.values(), key=abs)
+        if abs(worst) > DRIFT_WARN_PCT:
+            out.append(f"  WARNING: the machine's speed changed during the run (matmul {worst:+.0f} %): absolute "
+                       "GFLOP/s and %mm are uncertain by that much; the interleaved ratios are not")
     if not m["native_bf16"]:
         out.append("  bf16 is emulated here: its matmul rate is no limit for the bf16 convolutions (oneDNN runs them "
                    "another way), so bf16 %mm may exceed 100; compare bf16 with fp32 by the ratios")

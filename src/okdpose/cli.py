@@ -6,6 +6,7 @@
     okdpose explain IMAGE --model M ...       CAMs of one frame, per stage and method (`okdpose.explain_image`)
     okdpose grid list|queue|watch|table ...   the paper's experiment grid (`okdpose.grid`)
     okdpose bench [--quick] ...               CPU benchmarks (`okdpose.bench`)
+    okdpose precision table                   bf16 vs fp32 training over seeds (`okdpose.precision_runs`)
     okdpose COMMAND --help                    that tool's own options
 
 A subcommand is a module with `main(argv, prog) -> int` (exit status), imported only when it
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {     # name -> (module, one-line help)
     "explain": ("okdpose.explain_image", "CAMs of one frame for a stage, joint and method"),
     "grid": ("okdpose.grid", "the paper's experiment grid as queued DVC experiments, and its Table 1"),
     "bench": ("okdpose.bench", "CPU benchmarks: training step, data loading, inference, EigenCAM"),
+    "precision": ("okdpose.precision_runs", "bf16 vs fp32 training of the default run over seeds, with intervals"),
 }
 
 
