@@ -104,11 +104,6 @@ def compare(runs: Sequence[GridRun], gt: dict, *, replicates: int = 1000, seed: 
     return out
 
 
-def _train_seconds(runs: Sequence[GridRun], row: str) -> Optional[float]:
-    t = [float(r.train["train_seconds"]) for r in runs if r.row == row and "train_seconds" in r.train]
-    return float(np.mean(t)) if t else None
-
-
 def _f(v: Optional[float], d: int = 2) -> str:
     return "—" if v is None else f"{v:.{d}f}"
 
@@ -122,11 +117,13 @@ def markdown(records: Sequence[dict], runs: Sequence[GridRun], note: str, rows: 
         lines.append(f"| {r['stage']} | {', '.join(map(str, r['a_AP']))} | {_f(r['a_mean'])} ± {_f(r['a_sd'])} "
                      f"| {', '.join(map(str, r['b_AP']))} | {_f(r['b_mean'])} ± {_f(r['b_sd'])} | {_f(r['diff'])} "
                      f"| [{_f(r['lo'])}, {_f(r['hi'])}] | {'—' if r['within_fp32_spread'] is None else 'yes' if r['within_fp32_spread'] else 'no'} |")
-    lines += ["", "| row | runs | mean train_seconds | machine |", "|---|---|---|---|"]
+    lines += ["", "| row | runs | torch threads per run | train_seconds per run | machine |", "|---|---|---|---|---|"]
     for row in rows:
-        machines = sorted({str(r.meta.get("machine", "?")) for r in runs if r.row == row})
-        lines.append(f"| {row} | {sum(r.row == row for r in runs)} | {_f(_train_seconds(runs, row), 1)} "
-                     f"| {'; '.join(machines)} |")
+        mine = [r for r in runs if r.row == row]
+        machines = sorted({str(r.meta.get("machine", "?")) for r in mine})
+        seconds = [_f(r.train.get("train_seconds"), 0) if "train_seconds" in r.train else "—" for r in mine]
+        lines.append(f"| {row} | {len(mine)} | {', '.join(str(r.meta.get('threads', '?')) for r in mine)} "
+                     f"| {', '.join(seconds)} | {'; '.join(machines)} |")
     return "\n".join(lines) + "\n"
 
 
