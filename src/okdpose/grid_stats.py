@@ -52,15 +52,15 @@ class GridDataError(ValueError):
 
 # --------------------------------------------------------------------------- loading
 
-def _read_json(path: Path, what: str) -> Any:
+def _read_json(path: Path, what: str, fix: str = FIX) -> Any:
     if not path.is_file():
-        raise GridDataError(f"{path}: {what} missing; {FIX}")
+        raise GridDataError(f"{path}: {what} missing; {fix}")
     try:
         raw = path.read_bytes()
         return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
     except (OSError, EOFError, ValueError) as e:      # gzip.BadGzipFile and JSONDecodeError are both here
         raise GridDataError(f"{path}: {what} is not valid {'gzip ' if path.suffix == '.gz' else ''}JSON "
-                            f"({type(e).__name__}: {e}); {FIX}") from e
+                            f"({type(e).__name__}: {e}); {fix}") from e
 
 
 def predictions_file(folder: Path, stage: int) -> Path:
@@ -91,14 +91,14 @@ class GridRun:
         return data
 
 
-def load_ground_truth(root: Path) -> dict:
+def load_ground_truth(root: Path, fix: str = FIX) -> dict:
     """The test split's COCO ground truth shared by every run (root/test_gt.json.gz)."""
-    return _read_json(Path(root) / GT_FILE, "test ground truth")
+    return _read_json(Path(root) / GT_FILE, "test ground truth", fix)
 
 
-def ground_truth_sha256(root: Path) -> str:
+def ground_truth_sha256(root: Path, fix: str = FIX) -> str:
     path = Path(root) / GT_FILE
-    _read_json(path, "test ground truth")            # missing / malformed: the named error
+    _read_json(path, "test ground truth", fix)       # missing / malformed: the named error
     return hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest()
 
 

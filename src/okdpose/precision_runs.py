@@ -13,45 +13,35 @@ fp32 seeds (issue 18, Ask 4). AP in points (0-100).
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from okdpose import grid_stats
 from okdpose.files import write_csv, write_text
 from okdpose.grid_stats import GT_FILE, Comparison, GridDataError, GridRun, bootstrap_comparisons, predictions_file
 
 ROWS = ("default-bf16", "default-fp32")       # (A, B): the differences are bf16 - fp32
 FIX = "re-run that seed with scripts/precision_seed.sh PRECISION SEED (it rewrites the folder)"
-
-
-def _json(path: Path, what: str, fix: str = FIX) -> Any:
-    try:
-        raw = path.read_bytes()
-        return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
-    except (OSError, EOFError, ValueError) as e:      # missing, bad gzip, bad JSON
-        raise GridDataError(f"{path}: {what} missing or not valid JSON ({type(e).__name__}: {e}); {fix}") from e
+GT_FIX = "gzip a run's data/prepared/test_gt.json there (scripts/precision_seed.sh does)"
 
 
 def load_ground_truth(root: Path) -> dict:
     """<root>/test_gt.json.gz: the test split every run was scored on (copied from a run's data/prepared)."""
-    return _json(Path(root) / GT_FILE, "test ground truth",
-                 "gzip a run's data/prepared/test_gt.json there (scripts/precision_seed.sh does)")
+    return grid_stats.load_ground_truth(root, GT_FIX)
 
 
-def _gt_sha(root: Path) -> str:
-    load_ground_truth(root)                           # missing / malformed: the named error
-    return hashlib.sha256(gzip.decompress((Path(root) / GT_FILE).read_bytes())).hexdigest()
+def _json(path: Path, what: str) -> Any:
+    return grid_stats._read_json(path, what, FIX)
 
 
 def load_runs(root: Path, rows: Sequence[str] = ROWS) -> list[GridRun]:
     """Every <root>/*/ folder whose meta.json row is in `rows`, sorted by (row, seed); raises
     GridDataError for a malformed folder, another test split or two runs of one (row, seed)."""
     root = Path(root)
-    gt_sha = _gt_sha(root)
+    gt_sha = grid_stats.ground_truth_sha256(root, GT_FIX)
     runs: dict[tuple[str, int], GridRun] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / "meta.json").is_file()):
         meta = _json(folder / "meta.json", "run metadata")
