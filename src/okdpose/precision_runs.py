@@ -21,7 +21,8 @@ import numpy as np
 
 from okdpose import grid_stats
 from okdpose.files import write_csv, write_text
-from okdpose.grid_stats import GT_FILE, Comparison, GridDataError, GridRun, bootstrap_comparisons, predictions_file
+from okdpose.grid_stats import (GT_FILE, Comparison, GridDataError, GridRun, _percent_sd, bootstrap_comparisons,
+                                predictions_file)
 
 ROWS = ("default-bf16", "default-fp32")       # (A, B): the differences are bf16 - fp32
 FIX = "re-run that seed with scripts/precision_seed.sh PRECISION SEED (it rewrites the folder)"
@@ -52,7 +53,7 @@ def load_runs(root: Path, rows: Sequence[str] = ROWS) -> list[GridRun]:
                                 f"{root / GT_FILE} ({gt_sha}): evaluated on another test split; re-run it with "
                                 f"scripts/precision_seed.sh")
         ev = _json(folder / "eval.json", "eval metrics")
-        stages = sorted(int(k[5:]) for k in ev if k.startswith("stage") and k[5:].isdigit())
+        stages = sorted(_eval_stages(ev))
         if not stages or any(not predictions_file(folder, k).is_file() for k in stages):
             raise GridDataError(f"{folder}: eval.json stages {stages} need predictions_stage{{k}}.json.gz each; {FIX}")
         key = (meta["row"], int(meta["seed"]))
@@ -63,13 +64,14 @@ def load_runs(root: Path, rows: Sequence[str] = ROWS) -> list[GridRun]:
     return [runs[k] for k in sorted(runs, key=lambda k: (rows.index(k[0]), k[1]))]
 
 
+def _eval_stages(ev: dict) -> set[int]:
+    """The stage numbers k of an eval.json's "stage{k}" entries."""
+    return {int(k[5:]) for k in ev if k.startswith("stage") and k[5:].isdigit()}
+
+
 def _stages(runs: Sequence[GridRun]) -> list[int]:
-    sets = [{int(k[5:]) for k in r.eval if k.startswith("stage") and k[5:].isdigit()} for r in runs]
+    sets = [_eval_stages(r.eval) for r in runs]
     return sorted(set.intersection(*sets)) if sets else []
-
-
-def _sd(v: np.ndarray) -> Optional[float]:
-    return float(np.std(v, ddof=1)) if len(v) > 1 else None
 
 
 def compare(runs: Sequence[GridRun], gt: dict, *, replicates: int = 1000, seed: int = 0,
@@ -84,9 +86,10 @@ def compare(runs: Sequence[GridRun], gt: dict, *, replicates: int = 1000, seed: 
     for k, rec in zip(stages, boot):
         row: dict[str, Any] = {"stage": k}
         for name, tag in ((a, "a"), (b, "b")):
-            ap = np.array([100 * float(r.eval[f"stage{k}"]["AP"]) for r in runs if r.row == name])
-            row.update({f"{tag}_seeds": [r.seed for r in runs if r.row == name], f"{tag}_AP": [round(x, 2) for x in ap],
-                        f"{tag}_sd": _sd(ap)})
+            mine = [r for r in runs if r.row == name]
+            ap = np.array([100 * float(r.eval[f"stage{k}"]["AP"]) for r in mine])
+            row.update({f"{tag}_seeds": [r.seed for r in mine], f"{tag}_AP": [round(x, 2) for x in ap],
+                        f"{tag}_sd": _percent_sd(ap)})
         row.update({key: rec[key] for key in ("a_mean", "b_mean", "diff", "lo", "hi", "excludes_zero")})
         row["within_fp32_spread"] = (None if rec["diff"] is None or row["b_sd"] is None
                                      else bool(abs(rec["diff"]) <= row["b_sd"]))
