@@ -1,7 +1,9 @@
 import pytest
+import torch
 
 from okdpose.joints import BABYPOSE12
-from okdpose.model import MultiOutHRNet, stage_costs, stage_costs_table, stage_latencies_ms
+from okdpose.model import (MultiOutHRNet, count_params, forward_flops, stage_costs, stage_costs_table,
+                           stage_latencies_ms, truncated_cost)
 
 J = BABYPOSE12.num_joints
 
@@ -27,3 +29,17 @@ def test_stage_costs_table_has_one_row_per_output_stage():
     assert list(table) == [1, 2, 3] and all(tuple(r) == ("params_M", "gflops", "latency_ms") for r in table.values())
     assert table[1]["gflops"] < table[2]["gflops"] < table[3]["gflops"] and model.training
     assert list(stage_costs_table(MultiOutHRNet(J, 2, 3, multi=False), (32, 64), repeats=1)) == [3]
+
+
+@pytest.mark.parametrize("n_stage,multi", [(1, False), (3, True), (4, False)])
+def test_truncated_cost_counts_what_the_meta_device_counts_and_leaves_the_rng_alone(n_stage, multi):
+    with torch.device("meta"):                 # no weights: the counts depend on shapes only
+        shadow = MultiOutHRNet(J, 4, n_stage, multi=multi)
+    truncated_cost.cache_clear()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert truncated_cost(J, 4, n_stage, multi, (64, 64)) == (count_params(shadow), forward_flops(shadow, (64, 64)))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert truncated_cost.cache_info().misses == 1
+    truncated_cost(J, 4, n_stage, multi, (64, 64))
+    assert truncated_cost.cache_info().hits == 1

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from okdpose.inference import Predictions
-from okdpose.model.cost import count_params, forward_flops
+from okdpose.model.cost import truncated_cost
 from okdpose.model.multi_out import MultiOutHRNet
 
 CONFIDENCES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -161,9 +161,8 @@ def exit_costs(num_joints: int, width: int, n_stage: int, image_size: tuple[int,
     all its heads (what `AnytimeHRNet` computes for it), FLOPs per image at image_size (w, h)."""
     out = {}
     for k in range(1, n_stage + 1):
-        with torch.device("meta"):
-            model = MultiOutHRNet(num_joints, width, k, multi=True)
-        out[k] = {"flops": forward_flops(model, image_size), "params": count_params(model)}
+        params, flops = truncated_cost(num_joints, width, k, True, tuple(image_size))
+        out[k] = {"flops": flops, "params": params}
     return out
 
 

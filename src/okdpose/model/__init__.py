@@ -12,6 +12,7 @@ from okdpose.model.cost import (
     forward_flops,
     stage_costs,
     stage_costs_table,
+    truncated_cost,
     stage_latencies_ms,
 )
 from okdpose.model.multi_out import MultiOutHRNet
@@ -31,5 +32,6 @@ __all__ = [
     "save_checkpoint",
     "stage_costs",
     "stage_costs_table",
+    "truncated_cost",
     "stage_latencies_ms",
 ]

@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import torch
 
 from okdpose.files import sha256_file
 from okdpose.model.checkpoint import load_pretrained
 from okdpose.model.released import load_released
-from okdpose.model.cost import count_params, forward_flops, stage_costs
+from okdpose.model.cost import stage_costs, truncated_cost
 from okdpose.model.multi_out import MultiOutHRNet
 
 
@@ -46,11 +45,9 @@ def initial_model(config: Mapping[str, Any], pretrained: Optional[str | Path],
 def model_costs(config: Mapping[str, Any], image_size: Sequence[int]) -> dict[str, Any]:
     """image_size (w, h), params and forward GFLOPs of the whole configured model (every head),
     and of each stage output alone (the model truncated there) as per_stage_output {"stage{k}": ..}."""
-    with torch.device("meta"):
-        shadow = MultiOutHRNet(**config)
     size = tuple(image_size)
+    params, flops = truncated_cost(config["num_joints"], config["width"], config["n_stage"], config["multi"], size)
     stages = stage_costs(config["num_joints"], config["width"], config["n_stage"], size)
-    return {"image_size": list(size), "params": count_params(shadow),
-            "gflops": round(forward_flops(shadow, size) / 1e9, 4),
+    return {"image_size": list(size), "params": params, "gflops": round(flops / 1e9, 4),
             "per_stage_output": {f"stage{c['stage']}": {"params": c["params"], "gflops": round(c["flops"] / 1e9, 4)}
                                  for c in stages}}
