@@ -4,6 +4,7 @@
 # per-run layout, so `okdpose.precision_runs` can bootstrap bf16 vs fp32 like the grid's rows).
 #   scripts/precision_seed.sh PRECISION SEED [CHANNELS_LAST] [NAME]
 #   e.g. scripts/precision_seed.sh bf16 1            -> results/precision/default-bf16-s1
+#        scripts/precision_seed.sh bf16 1 auto intel-xeon-amx/default-bf16-s1   (another machine: its own table root)
 #        scripts/precision_seed.sh fp32 1 false      -> results/precision/default-fp32-s1 (contiguous)
 # Env: THREADS (torch threads, default: all cores), KEEP=1 keeps the clone, PY (python with okdpose
 # and dvc; default .venv/bin/python), FROM=DIR collects a finished run of that checkout instead of
@@ -20,7 +21,7 @@ seed = t["seed"]
 if (used, seed) != (sys.argv[1], int(sys.argv[2])):
     sys.exit(f"{sys.argv[3]}: trained with precision {used}, train.seed {seed}, not {sys.argv[1]} {sys.argv[2]}")' "$prec" "$seed" "$FROM"
 else
-work=$(mktemp -d "/tmp/okdpose-precision-$name.XXXX"); trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
+work=$(mktemp -d "/tmp/okdpose-precision-${name//\//_}.XXXX"); trap '[ -n "${KEEP:-}" ] || rm -rf "$work"' EXIT
 git clone -q "$repo" "$work/repo" && cd "$work/repo"
 python - "$prec" "$seed" "$cl" <<'EOF'
 import sys, yaml
