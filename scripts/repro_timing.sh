@@ -39,7 +39,7 @@ dvc repro -f 2>&1 | while IFS= read -r line; do printf '%s %s\n' "$(date +%s.%N)
 status=${PIPESTATUS[0]}; printf '%s %s\n' "$(date +%s.%N)" "(end)" >> "$work/log"
 [ "$status" -eq 0 ] || { tail -20 "$work/log"; echo "repro_timing: dvc repro failed (log kept in $work)"; KEEP=1; exit 1; }
 mkdir -p "$repo/results/repro_timing"
-python - "$work/log" "$name" "$sha" "$start" "$load" "$@" >> "$repo/results/repro_timing/runs.jsonl" <<'EOF'
+PYTHONPATH="$repo/src" python - "$work/log" "$name" "$sha" "$start" "$load" "$@" >> "$repo/results/repro_timing/runs.jsonl" <<'EOF'
 import json, os, re, sys
 log, name, sha, start, load, *overrides = sys.argv[1:]
 stamps = [(float(t), text) for t, _, text in (line.rstrip("\n").partition(" ") for line in open(log))]
@@ -50,13 +50,8 @@ train = json.load(open("metrics/train.json"))
 ev = json.load(open("metrics/eval.json"))
 test_ap = {k: round(v["AP"], 4) for k, v in sorted(ev.items()) if k.startswith("stage") and isinstance(v, dict)
            and "AP" in v}
-try:
-    from okdpose.device import cpu_model, reported_flags
-    machine = {"cpu": cpu_model(), "flags": " ".join(reported_flags())}
-except ImportError:                        # a revision before okdpose.device: describe the CPU here
-    flags = open("/proc/cpuinfo").read()
-    machine = {"cpu": re.search(r"model name\s*:\s*(.*)", flags).group(1),
-               "flags": " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)}
+from okdpose.device import cpu_model, reported_flags      # this checkout's: older revisions lack it
+machine = {"cpu": cpu_model(), "flags": " ".join(reported_flags())}
 print(json.dumps({"name": name, "rev": sha, "overrides": overrides, "start_utc": start, "load_before": float(load),
                   "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()), **machine,
                   "total_s": round(end - marks[0][0], 1), "stages_s": stages,

@@ -12,8 +12,8 @@ from okdpose.model.cost import (
     forward_flops,
     stage_costs,
     stage_costs_table,
-    truncated_cost,
     stage_latencies_ms,
+    truncated_cost,
 )
 from okdpose.model.multi_out import MultiOutHRNet
 from okdpose.model.released import Architecture, load_released
@@ -32,6 +32,6 @@ __all__ = [
     "save_checkpoint",
     "stage_costs",
     "stage_costs_table",
-    "truncated_cost",
     "stage_latencies_ms",
+    "truncated_cost",
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-
 from okdpose.files import sha256_file
 from okdpose.model.checkpoint import load_pretrained
 from okdpose.model.released import load_released
