@@ -98,7 +98,8 @@ def main() -> None:
         write_reports(summary)
         run.log_metrics({**final_metrics(summary), **energy.metric_values(meter.record, "energy.train")})
         run.set_tags({**energy.tags(meter.record, "energy.train"), "precision": summary["precision"],
-                      "memory_format": summary["memory_format"]})
+                      "memory_format": summary["memory_format"],
+                      **({"bf16_probe": summary["bf16_probe"]} if "bf16_probe" in summary else {})})
         run.log_artifact(METRICS, "metrics")
         for path in (REPORT, *UPSTREAM):
             if path.is_file():

@@ -245,6 +245,24 @@ def test_targets_goals_depend_on_native_bf16(native, monkeypatch):
     assert bench.check_targets(r) == t
 
 
+def test_bf16_units_slower_than_fp32_are_named_with_the_other_goals():
+    slow = {"fp32_ms": 8.7, "bf16_ms": 14.0, "speedup": 0.62, "min_speedup": 1.3, "threads": 2}
+    r = fake_result(True, train=1.36, infer=1.4, student=0.97, explain=17.8, loader=6.3)
+    r["machine"].update(cpu_model="Xeon", cpu_flags=["avx512f", "avx512_bf16"], bf16_probe=slow)
+    r["targets"] = bench.check_targets(r)
+    assert r["targets"]["train step speed-up vs original fp32"]["met"] is False       # bf16 goals kept: 1.7
+    note = bench.slow_bf16_note(r)
+    assert "0.62x fp32 (below 1.3)" in note and "`auto` runs fp32 here" in note
+    assert "train step speed-up vs original fp32 1.36 >= 1.25 yes" in note
+    assert "inference stage4 vs original eager, batch 8 1.4 >= 1.3 yes" in note
+    assert "explain" not in note                          # the same goal on every CPU: not repeated
+    assert bench.machine_line(r["machine"]).endswith("bf16 native, bf16 conv 0.62x fp32 -> auto fp32")
+    r["machine"]["bf16_probe"] = {**slow, "speedup": 2.2}
+    assert bench.slow_bf16_note(r) is None and bench.machine_line(r["machine"]).endswith("2.2x fp32 -> auto bf16")
+    r["machine"].update(native_bf16=False, bf16_probe=None)
+    assert bench.slow_bf16_note(r) is None and bench.machine_line(r["machine"]).endswith("bf16 emulated")
+
+
 def test_loader_bench_on_a_synthetic_set_and_the_report(tmp_path, monkeypatch):
     p = tiny_params()
     prepared = bench.synthetic_prepared(tmp_path, p)

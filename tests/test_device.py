@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from okdpose.device import (DeviceError, autocast_dtype, channels_last_for, cpu_flags, cpu_model, precision_record,
-                            reported_flags, configure_backends, describe, input_memory_format, memory_format,
-                            resolve_device)
+from okdpose.device import (BF16_MIN_SPEEDUP, DeviceError, autocast_dtype, channels_last_for, configure_backends,
+                            cpu_bf16_probe, cpu_flags, cpu_model, describe, fast_bf16, input_memory_format,
+                            memory_format, precision_record, reported_flags, resolve_device)
 from okdpose.params import ParamsError
 
 
@@ -65,20 +65,41 @@ AVX2 = {"sse4_2", "avx", "avx2", "fma"}
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (AVX2, None),                                   # bf16 emulated: 30-60x slower, auto stays fp32
-    (AVX512, None),                                 # AVX-512 without its BF16 extension
-    (AVX512 | {"avx512_bf16"}, torch.bfloat16),     # Cooper Lake, Zen 4 and later
-    (AVX512 | {"amx_tile", "amx_bf16"}, torch.bfloat16),   # Sapphire Rapids AMX
-    (set(), None),                                  # flags unknown (not Linux)
+# speedup: what cpu_bf16_probe measures there (bf16 / fp32 convolution rate); measured on the CPUs named
+@pytest.mark.parametrize("flags, speedup, expected", [
+    (AVX2, 0.03, None),                                    # bf16 emulated: 30-60x slower, auto stays fp32
+    (AVX512, 2.0, None),                                   # AVX-512 without its BF16 extension: never probed
+    (AVX512 | {"avx512_bf16"}, 2.2, torch.bfloat16),       # AMD EPYC (Zen 4)
+    (AVX512 | {"avx512_bf16"}, 0.6, None),                 # Intel Xeon with avx512_bf16, no AMX: slower
+    (AVX512 | {"avx512_bf16"}, BF16_MIN_SPEEDUP, torch.bfloat16),   # the threshold itself takes bf16
+    (AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16"}, 5.8, torch.bfloat16),   # Sapphire Rapids AMX
+    (set(), 2.0, None),                                    # flags unknown (not Linux)
 ])
-def test_auto_precision_on_cpu_follows_the_bf16_flags(flags, expected):
+def test_auto_precision_on_cpu_needs_bf16_units_measured_faster(flags, speedup, expected):
     cpu = torch.device("cpu")
-    assert autocast_dtype(cpu, "auto", flags=flags) is expected
-    assert autocast_dtype(cpu, "fp32", flags=flags) is None
-    assert autocast_dtype(cpu, "bf16", flags=flags) is torch.bfloat16   # forced: runs on any CPU
+    assert autocast_dtype(cpu, "auto", flags=flags, speedup=speedup) is expected
+    assert fast_bf16(cpu, flags, speedup) is (expected is not None)
+    assert autocast_dtype(cpu, "fp32", flags=flags, speedup=speedup) is None
+    assert autocast_dtype(cpu, "bf16", flags=flags, speedup=speedup) is torch.bfloat16   # forced: runs on any CPU
     with pytest.raises(ParamsError, match="evaluate.precision is fp16, which runs on CUDA only"):
         autocast_dtype(cpu, "fp16", flags=flags, key="evaluate.precision")
+
+
+def test_the_bf16_probe_measures_once_per_thread_count_and_leaves_the_rng_alone(monkeypatch):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe = cpu_bf16_probe()
+    assert torch.equal(torch.rand(3), expected)                  # the global RNG untouched
+    assert probe["fp32_ms"] > 0 and probe["bf16_ms"] > 0 and probe["threads"] == torch.get_num_threads()
+    assert probe["speedup"] == pytest.approx(probe["fp32_ms"] / probe["bf16_ms"], rel=0.01)
+    assert probe["min_speedup"] == BF16_MIN_SPEEDUP
+    assert cpu_bf16_probe() == probe                             # cached: one decision per process
+    calls = []
+    monkeypatch.setattr("okdpose.device.cpu_bf16_probe", lambda: calls.append(1) or {"speedup": 9.0})
+    assert autocast_dtype(torch.device("cpu"), "auto", flags=AVX2) is None and not calls   # no units: not probed
+    assert autocast_dtype(torch.device("cpu"), "auto", flags=AVX512 | {"avx512_bf16"}) is torch.bfloat16
+    assert calls == [1]
 
 
 def test_channels_last_auto_follows_the_cpu_and_records_the_flags():
@@ -90,6 +111,17 @@ def test_channels_last_auto_follows_the_cpu_and_records_the_flags():
     assert reported_flags(AVX512 | {"avx512_bf16"}) == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
     rec = precision_record(cpu, torch.bfloat16, "auto")
     assert rec["precision"] == "bf16" and rec["precision_asked"] == "auto" and isinstance(rec["cpu_flags"], str)
+
+
+def test_precision_record_names_the_probe_auto_decided_by(monkeypatch):
+    cpu = torch.device("cpu")
+    probe = {"fp32_ms": 8.7, "bf16_ms": 14.0, "speedup": 0.62, "min_speedup": BF16_MIN_SPEEDUP, "threads": 2}
+    monkeypatch.setattr("okdpose.device.cpu_bf16_probe", lambda: dict(probe))
+    monkeypatch.setattr("okdpose.device.native_bf16", lambda device, flags=None: True)
+    assert precision_record(cpu, None, "auto")["bf16_probe"] == probe
+    assert "bf16_probe" not in precision_record(cpu, None, "fp32")             # asked by name: nothing decided
+    monkeypatch.setattr("okdpose.device.native_bf16", lambda device, flags=None: False)
+    assert "bf16_probe" not in precision_record(cpu, None, "auto")             # no bf16 units: not probed
 
 
 def test_cpu_flags_read_from_proc_cpuinfo():

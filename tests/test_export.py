@@ -296,14 +296,31 @@ def test_bf16_onnx_is_refused_with_the_fix(model, crops, tmp_path):
         params_from_dict({"export": {"precision": "int8"}})
 
 
-def test_auto_precision_follows_the_cpus_bf16_units():
-    for flags, ts in (({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f"}, "fp32"), ({"avx512_bf16"}, "bf16"),
-                      ({"amx_bf16", "amx_tile"}, "bf16")):
-        assert export_precision("auto", "torchscript", flags) == ts
-        assert export_precision("auto", "onnx", flags) == "fp32"    # onnxruntime's CPU fp16 is slower than fp32
+def test_auto_precision_follows_the_cpus_bf16_units_where_measured_faster():
+    # speedup: what okdpose.device.cpu_bf16_probe would measure (bf16 conv vs fp32) on that CPU
+    for flags, speedup, ts in (({"avx2", "fma"}, 2.0, "fp32"), ({"avx2", "avx512f"}, 2.0, "fp32"),
+                               ({"avx512_bf16"}, 2.2, "bf16"), ({"amx_bf16", "amx_tile"}, 5.8, "bf16"),
+                               ({"avx512_bf16"}, 0.6, "fp32")):        # bf16 units slower than fp32 (Xeon, no AMX)
+        assert export_precision("auto", "torchscript", flags, speedup) == ts
+        assert export_precision("auto", "onnx", flags, speedup) == "fp32"   # onnxruntime's CPU fp16 is slower than fp32
     for asked in ("fp32", "fp16", "bf16"):
         assert export_precision(asked, "torchscript", {"avx2"}) == asked
-    assert precision_info("auto", ["onnx", "torchscript"], {"fma", "amx_bf16", "avx2"}) == {
+    assert precision_info("auto", ["onnx", "torchscript"], {"fma", "avx2"}) == {
+        "precision_asked": "auto", "precision": {"onnx": "fp32", "torchscript": "fp32"}, "cpu_flags": "avx2 fma"}
+
+
+def test_precision_info_records_the_probe_that_auto_decided_by(monkeypatch):
+    monkeypatch.setattr("okdpose.export.native_bf16", lambda device, flags=None: True)
+    monkeypatch.setattr("okdpose.export.fast_bf16", lambda device, flags=None, speedup=None: True)
+    probe = {"fp32_ms": 9.0, "bf16_ms": 4.0, "speedup": 2.25, "min_speedup": 1.3, "threads": 2}
+    monkeypatch.setattr("okdpose.export.cpu_bf16_probe", lambda: dict(probe))
+    info = precision_info("auto", ["onnx", "torchscript"])
+    assert info["precision"] == {"onnx": "fp32", "torchscript": "bf16"} and info["bf16_probe"] == probe
+    assert "bf16_probe" not in precision_info("fp32", ["onnx", "torchscript"])      # asked by name: no probe
+
+
+def test_precision_info_on_given_flags_and_speedup():
+    assert precision_info("auto", ["onnx", "torchscript"], {"fma", "amx_bf16", "avx2"}, speedup=5.8) == {
         "precision_asked": "auto", "precision": {"onnx": "fp32", "torchscript": "bf16"},
         "cpu_flags": "avx2 fma amx_bf16"}
 
@@ -311,6 +328,7 @@ def test_auto_precision_follows_the_cpus_bf16_units():
 def test_auto_exports_bf16_torchscript_and_fp32_onnx_on_a_cpu_with_bf16_units(tmp_path, monkeypatch):
     m, meta, crops = tiniest()
     monkeypatch.setattr("okdpose.export.native_bf16", lambda device, flags=None: True)     # e.g. AMX
+    monkeypatch.setattr("okdpose.export.fast_bf16", lambda device, flags=None, speedup=None: True)
     e = export_stage(m, 2, tmp_path, meta, crops, precision="auto", max_near_ties=1.0)
     assert e.precision == {"onnx": "fp32", "torchscript": "bf16"}
     assert read_meta(e.files["onnx"]) == meta and read_meta(e.files["torchscript"]).precision == "bf16"

@@ -237,11 +237,11 @@ def test_a_bf16_step_runs_on_any_cpu_with_finite_fp32_losses(sets, tmp_path):
     assert math.isfinite(result.history[0]["score"])
 
 
-def test_auto_precision_on_this_cpu_is_the_flag_rule(sets, tmp_path):
-    from okdpose.device import autocast_dtype, native_bf16
+def test_auto_precision_on_this_cpu_is_the_measured_rule(sets, tmp_path):
+    from okdpose.device import autocast_dtype, fast_bf16
 
     t = trainer(sets, tmp_path, precision="auto")
-    assert t.amp_dtype is (torch.bfloat16 if native_bf16(torch.device("cpu")) else None)
+    assert t.amp_dtype is (torch.bfloat16 if fast_bf16(torch.device("cpu")) else None)
     assert t.amp_dtype is autocast_dtype(torch.device("cpu"), "auto")
 
 

@@ -734,8 +734,11 @@ def machine_info(threads: Optional[int], peak: Peak) -> dict[str, Any]:
     """The CPU (model, the flags that matter, bf16 native or not), the measured limits and the
     nominal figure (informative)."""
     ghz = cpu_ghz()
+    native = okd_device.native_bf16(torch.device("cpu"))
+    with num_threads(threads):           # what `auto` decides by at these threads (okdpose.device)
+        probe = okd_device.cpu_bf16_probe() if native else None
     return {"cpu_model": okd_device.cpu_model(), "cpu_flags": okd_device.reported_flags(),
-            "native_bf16": okd_device.native_bf16(torch.device("cpu")), "cores": cpu_cores(), "ghz": ghz,
+            "native_bf16": native, "bf16_probe": probe, "cores": cpu_cores(), "ghz": ghz,
             "nominal_gflops": round(nominal_gflops(ghz=ghz), 1), "flops_per_cycle": FLOPS_PER_CYCLE,
             "matmul": {p: dict(v) for p, v in peak.items()}, "threads": threads or torch.get_num_threads(),
             "loadavg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
@@ -840,9 +843,30 @@ def _table(rows: Sequence[Sequence[Any]]) -> str:
 
 
 def machine_line(m: Mapping[str, Any]) -> str:
-    """'CPU <model>, flags avx2 fma, bf16 emulated': what every figure of the run depends on."""
-    return (f"CPU {m['cpu_model']}, flags {' '.join(m['cpu_flags']) or 'none reported'}, "
+    """'CPU <model>, flags avx2 fma, bf16 emulated' (with bf16 units: the probe `auto` decides by,
+    'bf16 native, bf16 conv 0.59x fp32 -> auto fp32'): what every figure of the run depends on."""
+    line = (f"CPU {m['cpu_model']}, flags {' '.join(m['cpu_flags']) or 'none reported'}, "
             f"bf16 {'native' if m['native_bf16'] else 'emulated'}")
+    probe = m.get("bf16_probe")
+    if probe:
+        line += (f", bf16 conv {probe['speedup']}x fp32 -> auto "
+                 f"{'bf16' if probe['speedup'] >= probe['min_speedup'] else 'fp32'}")
+    return line
+
+
+def slow_bf16_note(r: Mapping[str, Any]) -> Optional[str]:
+    """Where the CPU has bf16 units but `auto` measured them slower than the threshold: what the
+    goals for CPUs without native bf16 would say (the path `auto` runs here is fp32)."""
+    m = r.get("machine", {})
+    probe = m.get("bf16_probe")
+    if not m.get("native_bf16") or not probe or probe["speedup"] >= probe["min_speedup"]:
+        return None
+    other = check_targets(r, native=False)
+    rows = [f"{k} {v['value']} {v['goal']} {'yes' if v['met'] else 'NO'}" for k, v in other.items()
+            if v["goal"] != r["targets"].get(k, {}).get("goal") and v["value"] is not None]
+    return (f"this CPU's bf16 units run a convolution at {probe['speedup']}x fp32 (below {probe['min_speedup']}): "
+            "`auto` runs fp32 here, and the bf16 goals above ask for a speed its bf16 does not have; against the "
+            "goals for CPUs without native bf16: " + ("; ".join(rows) or "the same"))
 
 
 DRIFT_WARN_PCT = 15.0
@@ -980,6 +1004,9 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
     lines.append(_table([("target", "value", "goal", "met")]
                         + [(f"{k} ({v['detail']})" if v.get("detail") else k, v["value"], v["goal"],
                             {True: "yes", False: "NO", None: "-"}[v["met"]]) for k, v in r["targets"].items()]))
+    note = slow_bf16_note(r)
+    if note:
+        lines.append("  " + note)
     return "\n".join(lines)
 
 

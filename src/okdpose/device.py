@@ -4,6 +4,7 @@ starts with.
 
     dev = resolve_device(p.train.device)                  # 'auto' -> cuda when torch sees a GPU
     dtype = autocast_dtype(dev, p.train.precision)        # None (fp32), bf16 or fp16 (+ GradScaler)
+                                                          # auto on a CPU: bf16 only where measured faster
     configure_backends(dev, p.train.deterministic)        # cuDNN benchmark or deterministic; CPU: nothing
     log.info(describe(dev, dtype, torch.channels_last))   # 'device cuda:0 (...), precision ..., ...'
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Optional
@@ -25,6 +27,13 @@ PRECISION = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16
 SHORT = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # CPU flags (as /proc/cpuinfo spells them) of units that run bf16 matmuls / convolutions natively
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+# auto takes bf16 on a CPU with bf16 units only where a convolution runs at least this much faster
+# in bf16 than in fp32 (`cpu_bf16_probe`): the flags alone are folklore. Measured: an Intel Xeon
+# with avx512_bf16 but no AMX runs bf16 convolutions and matmuls at 0.51-0.76x fp32 (the W8 default
+# step 0.89x, W32 0.76x); an AMD EPYC with avx512_bf16 at 2.2x (matmul; W8 step 1.17x), AMX at
+# 5.8x. Interpolating the two avx512_bf16 CPUs, the W8 step breaks even near 1.25x: the autocast
+# casts cost per op, so a small convolution gain is lost in the step.
+BF16_MIN_SPEEDUP = 1.3
 # the flags the bench and the metrics report
 REPORTED_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
@@ -97,11 +106,51 @@ def native_bf16(device: torch.device, flags: Optional[Iterable[str]] = None) -> 
     return any(f in have for f in BF16_CPU_FLAGS)
 
 
+@lru_cache(maxsize=None)
+def _cpu_bf16_probe(threads: int) -> dict[str, float]:
+    f = torch.nn.functional
+    g = torch.Generator().manual_seed(0)          # the global RNG is left alone (training seeds it)
+    x = torch.randn(8, 64, 48, 64, generator=g).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(64, 64, 3, 3, generator=g) * 0.05).contiguous(memory_format=torch.channels_last)
+    args = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+    best = {k: float("inf") for k in args}
+    with torch.no_grad():
+        for rep in range(6):                       # interleaved; the first two are warm-up
+            for k, (a, b) in args.items():
+                start = time.perf_counter()
+                f.conv2d(a, b, padding=1)
+                if rep >= 2:
+                    best[k] = min(best[k], time.perf_counter() - start)
+    return {"fp32_ms": round(best["fp32"] * 1e3, 3), "bf16_ms": round(best["bf16"] * 1e3, 3),
+            "speedup": round(best["fp32"] / best["bf16"], 3), "min_speedup": BF16_MIN_SPEEDUP, "threads": threads}
+
+
+def cpu_bf16_probe() -> dict[str, float]:
+    """One 3x3 convolution (8x64x48x64, 64 -> 64 channels, channels-last, no grad; 1.8 GFLOP) timed
+    in fp32 and in bf16, interleaved, best of 4 each (~0.1-0.3 s, once per process and thread
+    count) -> {fp32_ms, bf16_ms, speedup (fp32 / bf16 time), min_speedup, threads}."""
+    return dict(_cpu_bf16_probe(torch.get_num_threads()))
+
+
+def fast_bf16(device: torch.device, flags: Optional[Iterable[str]] = None,
+              speedup: Optional[float] = None) -> bool:
+    """Whether `auto` takes bf16 on `device`: a GPU with bf16 tensor cores; a CPU with bf16 units
+    (`native_bf16`) whose bf16 convolution is measured >= BF16_MIN_SPEEDUP x fp32 (`speedup`, or
+    `cpu_bf16_probe` when None; not run on CPUs without the units)."""
+    dev = torch.device(device)
+    if not native_bf16(dev, flags):
+        return False
+    if dev.type == "cuda":
+        return True
+    return (cpu_bf16_probe()["speedup"] if speedup is None else speedup) >= BF16_MIN_SPEEDUP
+
+
 def autocast_dtype(device: torch.device, precision: str, flags: Optional[Iterable[str]] = None,
-                   key: str = "train.precision") -> Optional[torch.dtype]:
+                   key: str = "train.precision", speedup: Optional[float] = None) -> Optional[torch.dtype]:
     """The autocast dtype of a `*.precision` param: None (fp32), bf16 or fp16 (+ GradScaler).
 
-    auto: bf16 where `device` runs it natively (`native_bf16`); else fp16 on a GPU (T4, V100: fp16
+    auto: bf16 where `device` runs it natively and, on a CPU, measurably faster (`fast_bf16`;
+    `flags` / `speedup` stand in for this machine's in tests); else fp16 on a GPU (T4, V100: fp16
     tensor cores) and fp32 on a CPU. bf16 / fp16 are taken as asked (bf16 on a CPU without bf16
     units runs, slowly); fp16 autocast is CUDA only (a ParamsError naming `key`)."""
     dev = torch.device(device)
@@ -116,17 +165,21 @@ def autocast_dtype(device: torch.device, precision: str, flags: Optional[Iterabl
         return torch.float16
     if precision != "auto":
         raise ParamsError(f"{key} is {precision!r}; choose auto, fp32, bf16 or fp16")
-    if native_bf16(dev, flags):
+    if fast_bf16(dev, flags, speedup):
         return torch.bfloat16
     return torch.float16 if dev.type == "cuda" else None
 
 
 def precision_record(device: torch.device, dtype: Optional[torch.dtype], asked: str) -> dict[str, object]:
-    """What the metrics files record of a run's precision (so two machines' runs can be told apart)."""
+    """What the metrics files record of a run's precision (so two machines' runs can be told
+    apart); on a CPU with bf16 units where `auto` was asked, the probe it decided by
+    (`bf16_probe`: the two times and their ratio)."""
     dev = torch.device(device)
     rec: dict[str, object] = {"precision": SHORT[dtype], "precision_asked": asked, "device": dev.type}
     if dev.type == "cpu":
         rec["cpu_flags"] = " ".join(reported_flags())
+        if asked == "auto" and native_bf16(dev):
+            rec["bf16_probe"] = cpu_bf16_probe()
     return rec
 
 

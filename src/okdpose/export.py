@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from okdpose.codec import HeatmapCodec, get_max_preds
 from okdpose.deploy_meta import META_KEY, PRECISIONS, DeployMeta, MetaError
-from okdpose.device import BF16_CPU_FLAGS, cpu_flags, native_bf16, reported_flags
+from okdpose.device import BF16_CPU_FLAGS, cpu_bf16_probe, cpu_flags, fast_bf16, native_bf16, reported_flags
 from okdpose.files import atomic_path
 from okdpose.model import MultiOutHRNet, count_params, forward_flops
 from okdpose.model.fuse import fold_batchnorm
@@ -142,11 +142,13 @@ def lowered(sm: StageModel, precision: str) -> StageModel:
     return StageModel(copy.deepcopy(sm.net).to(DTYPES[precision]), precision).eval()
 
 
-def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None) -> str:
+def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None,
+                     speedup: float | None = None) -> str:
     """The compute precision of the `fmt` export for export.precision `asked` on this CPU (or on
-    one with `flags`): as asked; auto: TorchScript bf16 where the CPU has bf16 units
-    (`okdpose.device.native_bf16`: without them torch emulates bf16, 16-36x slower than fp32 on
-    an AVX2 CPU), else fp32; ONNX always fp32: onnxruntime's x86 CPU provider has no fp16
+    one with `flags`, `speedup`): as asked; auto: TorchScript bf16 where the CPU has bf16 units
+    that are measurably faster than fp32 (`okdpose.device.fast_bf16`: without the units torch
+    emulates bf16, 16-36x slower than fp32 on an AVX2 CPU; with avx512_bf16 but no AMX one Intel
+    Xeon ran it at 0.6-0.8x fp32), else fp32; ONNX always fp32: onnxruntime's x86 CPU provider has no fp16
     convolution kernels and runs an fp16 graph as fp32 on fp16-rounded weights (its optimised
     graph has float32 initialisers; W8 latency equal to fp32's within 8 %, AVX2), so fp16 buys
     only the half-size file and costs the rounding: ask for it by name (for that, or for a GPU /
@@ -154,7 +156,7 @@ def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None) -
     if fmt not in FORMAT_PRECISIONS:
         raise ExportError(f"format {fmt!r}: choose one of {list(FORMAT_PRECISIONS)}")
     if asked == "auto":
-        return "bf16" if fmt == "torchscript" and native_bf16(torch.device("cpu"), flags) else "fp32"
+        return "bf16" if fmt == "torchscript" and fast_bf16(torch.device("cpu"), flags, speedup) else "fp32"
     if asked not in FORMAT_PRECISIONS[fmt]:
         if asked in DTYPES:
             raise ExportError(f"export.precision {asked} cannot be written as {fmt} (ONNX Conv has no bfloat16 type "
@@ -163,11 +165,16 @@ def export_precision(asked: str, fmt: str, flags: Iterable[str] | None = None) -
     return asked
 
 
-def precision_info(asked: str, formats: Sequence[str], flags: Iterable[str] | None = None) -> dict[str, Any]:
+def precision_info(asked: str, formats: Sequence[str], flags: Iterable[str] | None = None,
+                   speedup: float | None = None) -> dict[str, Any]:
     """What reports/export.json records of the precision: asked, per format as resolved on this
-    CPU, and the CPU flags that decide `auto` and the speed (`okdpose.device.reported_flags`)."""
-    return {"precision_asked": asked, "precision": {fmt: export_precision(asked, fmt, flags) for fmt in formats},
-            "cpu_flags": " ".join(reported_flags(flags))}
+    CPU, the CPU flags that decide `auto` and the speed (`okdpose.device.reported_flags`), and
+    where `auto` measured this CPU's bf16 units, that probe (`okdpose.device.cpu_bf16_probe`)."""
+    out = {"precision_asked": asked, "precision": {fmt: export_precision(asked, fmt, flags, speedup) for fmt in formats},
+           "cpu_flags": " ".join(reported_flags(flags))}
+    if asked == "auto" and flags is None and speedup is None and "torchscript" in formats and native_bf16(torch.device("cpu")):
+        out["bf16_probe"] = cpu_bf16_probe()
+    return out
 
 
 # --------------------------------------------------------------------------- writing and reading files

@@ -207,7 +207,7 @@ class TrainParams:
     workers: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     patience: int = 0                  # early stop after this many epochs without improvement (0: off)
-    precision: Precision = "auto"      # autocast of the forward (the loss stays fp32): auto = bf16 where native
+    precision: Precision = "auto"      # forward autocast (loss stays fp32): auto = bf16 where native and fast (device.fast_bf16)
     grad_clip: Optional[float] = None  # max gradient norm
     channels_last: bool | Literal["auto"] = "auto"   # memory format of model and batches (checkpoints stay contiguous)
     deterministic: bool = False        # CUDA: deterministic algorithms, TF32 off (else cudnn.benchmark); CPU: no-op
@@ -349,7 +349,8 @@ class ExportParams:
             raise ParamsError(f"{where}.precision is bf16, which ONNX cannot hold (its Conv has no bfloat16 type up "
                               f"to opset 20; onnxruntime rejects the graph): set {where}.formats: [torchscript] for a "
                               f"bf16 TorchScript export, or {where}.precision: fp16 or fp32 to keep the ONNX file "
-                              f"({where}.precision: auto picks bf16 for TorchScript only where the CPU has bf16 units)")
+                              f"({where}.precision: auto picks bf16 for TorchScript only where the CPU's bf16 units "
+                              "are measured faster)")
 
 
 @dataclass(frozen=True)
