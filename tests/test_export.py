@@ -297,7 +297,7 @@ def test_bf16_onnx_is_refused_with_the_fix(model, crops, tmp_path):
 
 
 def test_auto_precision_follows_the_cpus_bf16_units_where_measured_faster():
-    # speedup: what okdpose.device.cpu_bf16_probe would measure (bf16 conv vs fp32) on that CPU
+    # speedup: what okdpose.device.cpu_bf16_probe would report on that CPU (as in test_device)
     for flags, speedup, ts in (({"avx2", "fma"}, 2.0, "fp32"), ({"avx2", "avx512f"}, 2.0, "fp32"),
                                ({"avx512_bf16"}, 2.2, "bf16"), ({"amx_bf16", "amx_tile"}, 5.8, "bf16"),
                                ({"avx512_bf16"}, 0.6, "fp32")):        # bf16 units slower than fp32 (Xeon, no AMX)
