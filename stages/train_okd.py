@@ -80,7 +80,7 @@ def main() -> None:
 
         trainer = Trainer(net, loss_fn, optimizer, scheduler=make_scheduler(optimizer, t.lr_steps, t.lr_factor),
                           train_set=train_set, validate=make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec,
-                                                                       batch_size=t.batch_size, device=ctx.device,
+                                                                       batch_size=t.val_batch_size, device=ctx.device,
                                                                        workers=t.workers,
                                                                        autocast=autocast_dtype(ctx.device, t.precision)),
                           params=t, ctx=ctx, select_stages=p.kd_stages(), last_path=LAST, best_path=BEST,
@@ -122,7 +122,7 @@ def take_given_model(p, model, source, val_set) -> None:
     """model.checkpoint: validate once, write models/model.pt, reports/train.json, metrics/train.json
     and plots/train/ in the shapes training writes them (models/last.pt is left as it is)."""
     device = resolve_device(p.train.device)
-    validate = make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec, batch_size=p.train.batch_size,
+    validate = make_validator(val_set, PREPARED / "val_gt.json", p.joint_spec, batch_size=p.train.val_batch_size,
                               device=device)
     record = validate_given(model.to(device), validate, p.kd_stages())
     tracker = Tracker.from_params(p.tracking)

@@ -43,3 +43,55 @@ def test_truncated_cost_counts_what_the_meta_device_counts_and_leaves_the_rng_al
     assert truncated_cost.cache_info().misses == 1
     truncated_cost(J, 4, n_stage, multi, (64, 64))
     assert truncated_cost.cache_info().hits == 1
+
+
+def _flop_counter(model, image_size):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, image_size[1], image_size[0])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("width,n_stage,multi", [(2, 1, False), (2, 4, True), (4, 3, False), (4, 2, True)])
+def test_hook_count_is_the_flop_counters_for_trained_folded_and_exported_models(width, n_stage, multi):
+    from okdpose.export import stage_model
+    from okdpose.model.cost import module_flops
+    from okdpose.model.fuse import inference_copy
+
+    model = MultiOutHRNet(J, width, n_stage, multi=multi)
+    x = torch.zeros(1, 3, 64, 32)
+    with torch.no_grad():
+        assert module_flops(model.eval(), x) == forward_flops(model, (32, 64)) == _flop_counter(model, (32, 64)) > 0
+    for other in (inference_copy(model), stage_model(model, n_stage)):      # folded convs carry a bias: not counted
+        assert forward_flops(other, (32, 64)) == _flop_counter(other, (32, 64))
+
+
+def test_a_model_computing_outside_conv_modules_is_counted_by_the_flop_counter():
+    from okdpose.model.cost import module_flops
+
+    class Functional(torch.nn.Module):          # a matmul in its own forward: hooks would miss it
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)
+            return y @ y.T
+
+    for model in (Functional(), torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.Flatten(), torch.nn.Linear(64, 2))):
+        x = torch.zeros(1, 3, 4, 4)
+        assert module_flops(model, x) is None        # not ours, or a Linear: FlopCounterMode counts it
+        assert forward_flops(model, (4, 4)) == _flop_counter(model, (4, 4))
+
+
+def test_stage_costs_table_counts_as_stage_costs_and_leaves_the_rng_alone():
+    model = MultiOutHRNet(J, 2, 3, multi=True)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    table = stage_costs_table(model, (32, 64), repeats=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    for c in stage_costs(J, 2, 3, (32, 64)):
+        assert table[c["stage"]]["params_M"] == round(c["params"] / 1e6, 4)
+        assert table[c["stage"]]["gflops"] == round(c["flops"] / 1e9, 4)

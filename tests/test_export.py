@@ -208,6 +208,31 @@ def test_report_times_every_runtime_next_to_the_teacher(model, exported, crops):
     assert set(t["a"]["x"]) == {"b1", "b4"}
 
 
+def test_report_times_the_files_as_verified_without_loading_them_again(model, exported, crops, monkeypatch):
+    import okdpose.export as export_mod
+
+    assert set(exported.runners) == {"onnx", "torchscript"}
+    calls = {fmt: 0 for fmt in exported.runners}
+
+    def counted(fmt):
+        run = exported.runners[fmt]
+
+        def wrapped(x):
+            calls[fmt] += 1
+            return run(x)
+        return wrapped
+
+    def no_reload(*_args, **_kw):
+        raise AssertionError("a verified file was loaded again")
+
+    monkeypatch.setattr(export_mod, "onnx_runner", no_reload)
+    monkeypatch.setattr(export_mod, "torchscript_runner", no_reload)
+    again = replace(exported, runners={fmt: counted(fmt) for fmt in exported.runners})
+    r = export_report(model, [again], crops, batches=(1,), repeats=2, threads=1, formats=())
+    assert calls == {"onnx": 4, "torchscript": 4}               # 2 warm-up + 2 timed calls each
+    assert set(r["stage2"]["latency_ms"]) == {"pytorch", "onnxruntime", "torchscript"}
+
+
 # --------------------------------------------------------------------------- precision
 
 def weight_dtypes(path: Path) -> set:

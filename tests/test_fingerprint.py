@@ -20,10 +20,11 @@ def test_parts_follow_params_init_data_not_how_the_run_executes(tiny_prepared, t
     init = tmp_path / "init.pt"
     init.write_bytes(b"weights")
     flat = {"train.lr": 0.001, "train.device": "cpu", "train.workers": 2, "train.nproc_per_node": 4,
-            "train.dist_timeout_s": 60, "loss.kld_weight": 1.0, "evaluate.split": "test"}
+            "train.dist_timeout_s": 60, "train.val_batch_size": 16, "loss.kld_weight": 1.0, "evaluate.split": "test"}
     parts = fingerprint_parts(flat, ("loss.", "train."), init, tiny_prepared)
     assert parts["params"] == {"train.lr": 0.001, "loss.kld_weight": 1.0}     # not device / workers / evaluate
-    assert set(NOT_FINGERPRINTED) == {"train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s"}
+    assert set(NOT_FINGERPRINTED) == {"train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s",
+                                      "train.val_batch_size"}
     # the world size is last.pt's own field (the Trainer accepts a finished run at any)
     assert parts["code_sha256"] == code_digest() and set(parts) == {"params", "init_sha256", "data_sha256",
                                                                       "code_sha256"}

@@ -77,3 +77,51 @@ def test_eigencam_on_the_folded_copy_equals_the_model_itself_also_for_a_folded_c
     exact = eigencam(model, x, layers)
     for name in layers:                                # float rounding of Kaiming-initialised activations
         np.testing.assert_allclose(fast[name], exact[name], rtol=0, atol=1e-4, err_msg=name)
+
+
+def _train_step(model: nn.Module) -> None:
+    """One Adam step and BN running-stat update, in place (as an epoch of training changes the model)."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    out = model(torch.randn(2, 3, 64, 96))
+    sum(o.square().mean() for o in out).backward()
+    opt.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("keep", [(), ("stage2.0.branches.0.0.conv1",)])
+def test_cached_copy_is_refolded_in_place_to_exactly_a_new_copy(keep):
+    from okdpose.model.fuse import cached_inference_copy, refold
+
+    model = trained_like(2)
+    first = cached_inference_copy(model, keep=keep)
+    assert cached_inference_copy(model, keep=keep) is first                   # unchanged model: as is
+    _train_step(model)
+    again = cached_inference_copy(model, keep=keep)
+    fresh = inference_copy(model, keep=keep)
+    assert again is first                                                     # refolded, not copied
+    assert again.state_dict().keys() == fresh.state_dict().keys()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k                       # the same numbers, bit for bit
+    assert again.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(again(x), fresh(x)))
+    # another structure (the pair kept unfolded in one but not the other): refused, nothing written
+    other = inference_copy(model, keep=() if keep else ("stage2.0.branches.0.0.conv1",))
+    before = state(other)
+    _train_step(model)
+    assert not refold(model, other, keep)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_cached_copy_is_made_anew_when_the_model_moves_to_another_dtype_or_its_modes_change():
+    from okdpose.model.fuse import cached_inference_copy
+
+    model = trained_like(1)
+    first = cached_inference_copy(model)
+    model.double()
+    again = cached_inference_copy(model)
+    assert again is not first and again.conv1.weight.dtype == torch.float64
+    model.layer1.train()
+    assert cached_inference_copy(model) is not again                          # another mode: a new copy

@@ -31,6 +31,7 @@ def test_repository_params_load_and_match_defaults():
         ({"train": {"epochs": "ten"}}, ["train.epochs", "integer"]),
         ({"train": {"lr_steps": [5, 3]}}, ["lr_steps"]),
         ({"train": {"nproc_per_node": 0}}, ["train.nproc_per_node", ">= 1"]),
+        ({"train": {"val_batch_size": 0}}, ["train.val_batch_size", ">= 1", "out of memory"]),
         ({"train": {"dist_timeout_s": 0}}, ["train.dist_timeout_s", ">= 1 second"]),
         ({"model": {"n_stage": 5}}, ["model.n_stage"]),
         ({"data": {"joints": "mpii"}}, ["data.joints"]),

@@ -490,6 +490,7 @@ class StageExport:
     files: dict[str, Path]
     verify: dict[str, dict[str, Any]]
     precision: dict[str, str] = field(default_factory=dict)     # absent format: fp32
+    runners: dict[str, Runner] = field(default_factory=dict, repr=False, compare=False)   # format -> the verified file's
 
 
 def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: DeployMeta, crops: Crops, *,
@@ -508,7 +509,7 @@ def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: De
                                     max_near_ties=max_near_ties,
                                     what=f"stage {stage} alone vs the whole model's stage {stage}")}
     refs = {"fp32": ref}        # PyTorch eager in each precision: what a file of that precision claims to compute
-    files = {}
+    files, runners = {}, {}
     for fmt, prec in precs.items():
         low = lowered(sm, prec)
         _warn_if_emulated(prec, fmt)
@@ -527,7 +528,7 @@ def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: De
                                                      **kw)["max_abs_diff"]
         # what the precision costs next to the fp32 model, recorded for every file (fp32: rounding only)
         verify[fmt].update(precision=prec, vs_fp32=precision_shift(ref, got, crops))
-        files[fmt] = path
+        files[fmt], runners[fmt] = path, run
         s32 = verify[fmt]["vs_fp32"]
         if prec != "fp32" and not s32["max_rel_diff"] <= PRECISION_TOLERANCE[prec]:
             log.warning("stage %d %s in %s moves the heatmaps by %.2g of their scale from fp32's, more than %s usually "
@@ -537,7 +538,7 @@ def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: De
                  "%.2g px on average, %.2g px at most, %d of %d by > 1 px", stage, fmt, prec, path,
                  verify[fmt]["max_abs_diff"], verify[fmt]["rel_diff"], s32["max_rel_diff"], s32["shift_px_mean"],
                  s32["shift_px_max"], s32["points_moved_1px"], s32["points"])
-    return StageExport(stage, sm, files, verify, precs)
+    return StageExport(stage, sm, files, verify, precs, runners)
 
 
 def _check_range(ref32: np.ndarray, low: np.ndarray, prec: str, stage: int) -> None:
@@ -567,11 +568,14 @@ def _warn_if_emulated(prec: str, fmt: str) -> None:
                     "or CPUs with them", "/".join(FP16_CPU_FLAGS))
 
 
-def stage_runners(sm: StageModel, files: Mapping[str, Path | bytes], threads: int) -> dict[str, Runner]:
-    """{runtime: runner}: eager PyTorch (as predict runs it) and each exported file (or its bytes)."""
+def stage_runners(sm: StageModel, files: Mapping[str, Path | bytes], threads: int,
+                  loaded: Mapping[str, Runner] | None = None) -> dict[str, Runner]:
+    """{runtime: runner}: eager PyTorch (as predict runs it) and each exported file (or its bytes);
+    `loaded`: {format: runner} of files already loaded (the verification's), used as they are."""
     runners = {"pytorch": torch_runner(sm)}
     for fmt, data in files.items():
-        runners[RUNTIMES[fmt]] = onnx_runner(data, threads) if fmt == "onnx" else torchscript_runner(data)
+        run = (loaded or {}).get(fmt)
+        runners[RUNTIMES[fmt]] = run or (onnx_runner(data, threads) if fmt == "onnx" else torchscript_runner(data))
     return runners
 
 
@@ -604,7 +608,7 @@ def export_report(model: MultiOutHRNet, exports: Sequence[StageExport], crops: C
     image_size = crops.codec.image_size
     models = {f"stage{e.stage}": e.model for e in exports}
     precs = {f"stage{e.stage}": {fmt: e.precision.get(fmt, "fp32") for fmt in e.files} for e in exports}
-    runners = {f"stage{e.stage}": stage_runners(e.model, e.files, threads) for e in exports}
+    runners = {f"stage{e.stage}": stage_runners(e.model, e.files, threads, e.runners) for e in exports}
     teacher = f"stage{model.output_stages[-1]}"
     if teacher not in models:
         sm = models[teacher] = stage_model(model, model.output_stages[-1])

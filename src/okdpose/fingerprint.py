@@ -25,8 +25,10 @@ TRAINING_CODE = ("train.py", "given_model.py", "device.py", "distributed.py", "s
 PREPARED_FILES = ("meta.json", "train_gt.npz", "val_gt.npz", "val_gt.json")
 # params that change how a run executes, not what it computes: a run resumes across them
 # (train.nproc_per_node sets the world size, which last.pt records and the Trainer checks itself:
-# a finished run is accepted at any world size, an unfinished one resumes only at its own)
-NOT_FINGERPRINTED = ("train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s")
+# a finished run is accepted at any world size, an unfinished one resumes only at its own;
+# train.val_batch_size moves the validation numbers by float rounding only)
+NOT_FINGERPRINTED = ("train.device", "train.workers", "train.nproc_per_node", "train.dist_timeout_s",
+                     "train.val_batch_size")
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:

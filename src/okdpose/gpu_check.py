@@ -104,7 +104,7 @@ def run_check(device: str = "cuda", *, preset: str | Path = PRESET, steps: int =
             return Trainer(net, loss_fn, optimizer, scheduler=make_scheduler(optimizer, t.lr_steps, t.lr_factor),
                            train_set=train_set, params=t, ctx=ctx, select_stages=p.kd_stages(),
                            validate=make_validator(val_set, root / "prepared" / "val_gt.json", d.joint_spec,
-                                                   batch_size=t.batch_size, device=ctx.device,
+                                                   batch_size=t.val_batch_size, device=ctx.device,
                                                    autocast=autocast_dtype(dev, t.precision)),
                            last_path=root / "last.pt", best_path=root / "model.pt", fingerprint="gpu_check",
                            on_step=clock, progress=False)

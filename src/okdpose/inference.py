@@ -74,11 +74,13 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _fast_copy(model: nn.Module, fold_bn: bool) -> nn.Module:
-    """The folded inference copy of an HRNet (eval mode), else the model itself."""
-    from okdpose.model.fuse import inference_copy
+    """The folded inference copy of an HRNet (eval mode), else the model itself. Kept with the model
+    and re-folded in place when its weights changed (`cached_inference_copy`): validation after
+    every epoch copies the model once."""
+    from okdpose.model.fuse import cached_inference_copy
     from okdpose.model.hrnet import HRNetTrunk
 
-    return inference_copy(model) if fold_bn and isinstance(model, HRNetTrunk) else model
+    return cached_inference_copy(model) if fold_bn and isinstance(model, HRNetTrunk) else model
 
 
 def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device: str | torch.device | None = None,
@@ -88,9 +90,9 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
     stage output with the dataset's codec.
 
     Eval mode and no_grad (the model's train/eval mode is restored afterwards). An HRNet runs as
-    `okdpose.model.fuse.inference_copy` (BN folded into the convs, channels-last on CPU: faster,
-    same outputs up to float rounding as tests/test_fuse.py checks; `fold_bn=False` runs the model
-    itself); CPU inputs go channels-last. `device`: where the model is (default: where its
+    `okdpose.model.fuse.inference_copy` (kept with the model: `cached_inference_copy`; BN folded
+    into the convs, channels-last on CPU: faster, same outputs up to float rounding as
+    tests/test_fuse.py checks; `fold_bn=False` runs the model itself); CPU inputs go channels-last. `device`: where the model is (default: where its
     parameters are; inputs are moved there). Flip test averages each output with `flip_back` of
     the mirrored input's output (flip pairs swapped, one-column shift); `flip_perm` defaults to the
     dataset's (`JointSpec.flip_permutation()`). `autocast`: run the network under autocast to

@@ -197,6 +197,7 @@ class LossParams:
 class TrainParams:
     epochs: int = 12
     batch_size: int = 8                # small batches: more optimiser steps in the CPU budget (measured)
+    val_batch_size: int = 32           # per-epoch validation (inference only); W8 CPU: 1.3x batch 8's speed
     lr: float = 1e-3
     lr_steps: tuple[int, ...] = (9, 11)  # lr *= lr_factor after each of these (1-based) epochs
     lr_factor: float = 0.33
@@ -219,6 +220,9 @@ class TrainParams:
             raise ParamsError(f"{where}.epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ParamsError(f"{where}.batch_size must be >= 1, got {self.batch_size}")
+        if self.val_batch_size < 1:
+            raise ParamsError(f"{where}.val_batch_size must be >= 1 (lower it if validation runs out of memory), got "
+                              f"{self.val_batch_size}")
         if self.lr <= 0:
             raise ParamsError(f"{where}.lr must be > 0, got {self.lr}")
         if list(self.lr_steps) != sorted(self.lr_steps) or any(s < 1 for s in self.lr_steps):

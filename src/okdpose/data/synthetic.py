@@ -38,7 +38,10 @@ from okdpose.params import SyntheticParams
 W, H = FRAME_SIZE
 FOCAL = 575.0
 U0, V0 = (W - 1) / 2, (H - 1) / 2
-PNG_COMPRESSION = 1             # zlib level: fastest to write; level 3+ saves <10% and decodes ~30% faster
+# zlib level 1 with run-length matching only (Z_RLE): lossless as ever, on these noisy 16-bit frames
+# 11 vs 16 ms to write, 3.7 vs 4.3 ms to read and 1 % smaller than level 1's default strategy (2-core
+# AMD EPYC avx512_bf16, cv2.imencode of 40 frames); level 3+ saves <10% and decodes ~30% faster
+PNG_OPTIONS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 YAW_CHOICES = {1: [0.0], 2: [0.0, 180.0], 4: [0.0, 90.0, 180.0, 270.0]}   # crib orientations (deg)
 POSE_CORRELATION = 0.6          # AR(1) coefficient of the joint-angle walk between frames
 
@@ -609,7 +612,7 @@ def _render_subject(job) -> tuple[str, list, list, list]:
         depth, kps, box, area, _ = render_frame(subject, pose, rng, cfg)
         iid = image_id_for(sid, frame)
         path = image_dir(root, split) / image_name(iid)
-        if not cv2.imwrite(str(path), depth, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION]):
+        if not cv2.imwrite(str(path), depth, PNG_OPTIONS):
             raise OSError(f"could not write {path}")
         images.append({"id": iid, "file_name": image_name(iid), "width": W, "height": H,
                        "subject_id": sid, "frame": frame})
