@@ -261,6 +261,9 @@ def test_bf16_units_slower_than_fp32_are_named_with_the_other_goals():
     assert bench.slow_bf16_note(r) is None and bench.machine_line(r["machine"]).endswith("2.2x fp32 -> auto bf16")
     r["machine"].update(native_bf16=False, bf16_probe=None)
     assert bench.slow_bf16_note(r) is None and bench.machine_line(r["machine"]).endswith("bf16 emulated")
+    r["machine"].update(isa_cap="AVX2", aten_capability="AVX2", cpu_flags=["avx2"], cpu_flags_all=["avx2", "avx512f"])
+    assert "ISA CAPPED: oneDNN at AVX2, ATen AVX2, MKL unset (the CPU's own flags: avx2 avx512f)" in bench.machine_line(
+        r["machine"])
 
 
 def test_loader_bench_on_a_synthetic_set_and_the_report(tmp_path, monkeypatch):

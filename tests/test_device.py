@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from okdpose.device import (BF16_MIN_SPEEDUP, DeviceError, autocast_dtype, channels_last_for, configure_backends,
-                            cpu_bf16_probe, cpu_flags, cpu_model, describe, fast_bf16, input_memory_format,
-                            memory_format, precision_record, reported_flags, resolve_device)
+                            cpu_bf16_probe, cpu_flags, cpu_model, describe, fast_bf16, input_memory_format, isa_cap,
+                            memory_format, native_bf16, precision_record, reported_flags, resolve_device,
+                            usable_flags)
 from okdpose.params import ParamsError
 
 
@@ -101,6 +102,31 @@ def test_the_bf16_probe_measures_once_per_thread_count_and_leaves_the_rng_alone(
     assert autocast_dtype(torch.device("cpu"), "auto", flags=AVX2) is None and not calls   # no units: not probed
     assert autocast_dtype(torch.device("cpu"), "auto", flags=AVX512 | {"avx512_bf16"}) is torch.bfloat16
     assert calls == [1]
+
+
+def test_an_isa_cap_makes_the_cpu_count_as_the_cpu_onednn_is_allowed_to_be(monkeypatch):
+    cpu, bf16_cpu = torch.device("cpu"), AVX512 | {"avx512_bf16", "amx_tile", "amx_bf16", "sse4_2"}
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    assert isa_cap() is None and usable_flags(bf16_cpu) == bf16_cpu
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")                   # oneDNN reads it case-insensitively
+    assert isa_cap() == "AVX2"
+    assert usable_flags(bf16_cpu) == {"avx", "avx2", "fma", "sse4_2"}     # other families untouched
+    assert not native_bf16(cpu, bf16_cpu) and channels_last_for(cpu, "auto", flags=bf16_cpu) is False
+    assert autocast_dtype(cpu, "auto", flags=bf16_cpu, speedup=9.0) is None       # judged as an AVX2 CPU
+    assert reported_flags(bf16_cpu) == ["avx2", "fma"]
+    assert precision_record(cpu, None, "fp32")["isa_cap"] == "AVX2"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")       # bf16 units kept, AMX not
+    assert native_bf16(cpu, bf16_cpu) and "amx_bf16" not in usable_flags(bf16_cpu)
+    assert autocast_dtype(cpu, "auto", flags=bf16_cpu, speedup=2.0) is torch.bfloat16
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert not native_bf16(cpu, bf16_cpu) and channels_last_for(cpu, "auto", flags=bf16_cpu) is True
+    for everything in ("ALL", "AVX512_CORE_AMX", ""):                   # no cap: every unit usable
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", everything)
+        assert isa_cap() is None and usable_flags(bf16_cpu) == bf16_cpu
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")                     # oneDNN's older name
+    assert isa_cap() == "AVX2" and "isa_cap" not in precision_record(torch.device("cuda"), None, "fp32")
 
 
 def test_channels_last_auto_follows_the_cpu_and_records_the_flags():

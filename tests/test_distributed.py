@@ -228,6 +228,36 @@ def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tm
     assert [strip(r) for r in full[0]["history"]] == [strip(r) for r in ranks[0]["history"]]
 
 
+def _probe_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank r measures a bf16 probe of [2.0, 1.0][r] (fake): near the threshold ranks may differ."""
+    from okdpose import device
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    measured = {"fp32_ms": 8.0, "bf16_ms": 8.0 / (2.0, 1.0)[rank], "speedup": (2.0, 1.0)[rank], "threads": 1}
+    device._cpu_bf16_probe = lambda threads: dict(measured)
+    device._agreed_probe.cache_clear()
+    distributed.init_from_env("cpu", timeout_s=60)      # a desync fails instead of hanging
+    try:
+        bf16_cpu = {"avx2", "fma", "avx512f", "avx512_bf16"}
+        dtype = device.autocast_dtype(torch.device("cpu"), "auto", flags=bf16_cpu)
+        if rank == 0:                                    # main-only calls (precision_record): no collective
+            device.precision_record(torch.device("cpu"), dtype, "auto")
+        dist.barrier()
+        torch.save({"dtype": str(dtype), "probe": device.cpu_bf16_probe()}, Path(out) / f"probe{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_every_rank_takes_rank_0s_bf16_decision(tmp_path):
+    mp.spawn(_probe_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"probe{r}.pt", weights_only=False) for r in range(2)]
+    assert [g["dtype"] for g in got] == ["torch.bfloat16"] * 2          # rank 1 alone (1.0x) would take fp32
+    assert [g["probe"]["speedup"] for g in got] == [2.0, 2.0]
+    assert [g["probe"]["decided_by"] for g in got] == ["rank 0 of 2"] * 2
+
+
 # --------------------------------------------------------------------------- launch
 
 def test_the_stage_relaunches_itself_only_when_asked_and_not_yet_launched(monkeypatch, fake_launcher):

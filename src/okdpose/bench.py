@@ -737,11 +737,16 @@ def machine_info(threads: Optional[int], peak: Peak) -> dict[str, Any]:
     native = okd_device.native_bf16(torch.device("cpu"))
     with num_threads(threads):           # what `auto` decides by at these threads (okdpose.device)
         probe = okd_device.cpu_bf16_probe() if native else None
+    capped = {}
+    if okd_device.isa_cap():     # code paths of a smaller CPU on this one: say so beside every figure
+        capped = {"isa_cap": okd_device.isa_cap(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+                  "mkl_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "unset"),
+                  "cpu_flags_all": [f for f in okd_device.REPORTED_CPU_FLAGS if f in okd_device.cpu_flags()]}
     return {"cpu_model": okd_device.cpu_model(), "cpu_flags": okd_device.reported_flags(),
             "native_bf16": native, "bf16_probe": probe, "cores": cpu_cores(), "ghz": ghz,
             "nominal_gflops": round(nominal_gflops(ghz=ghz), 1), "flops_per_cycle": FLOPS_PER_CYCLE,
             "matmul": {p: dict(v) for p, v in peak.items()}, "threads": threads or torch.get_num_threads(),
-            "loadavg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__}
+            "loadavg_1min": round(os.getloadavg()[0], 2), "torch": torch.__version__, **capped}
 
 
 def run_all(sizes: Sizes, threads: Optional[int] = None, peak: Optional[float] = None,
@@ -851,6 +856,11 @@ def machine_line(m: Mapping[str, Any]) -> str:
     if probe:
         line += (f", bf16 conv {probe['speedup']}x fp32 -> auto "
                  f"{'bf16' if probe['speedup'] >= probe['min_speedup'] else 'fp32'}")
+    if m.get("isa_cap"):      # the flags above are what oneDNN may use; the CPU has more
+        line += (f"; ISA CAPPED: oneDNN at {m['isa_cap']}, ATen {m['aten_capability']}, MKL "
+                 f"{m.get('mkl_instructions', 'unset')} (the CPU's own flags: "
+                 f"{' '.join(m['cpu_flags_all'])}): figures of these code paths on this CPU, not of a CPU that has "
+                 "only them")
     return line
 
 

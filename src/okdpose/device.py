@@ -78,6 +78,40 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# oneDNN's ISA cap (what `ONEDNN_MAX_CPU_ISA` may name, oneDNN's spelling) -> the /proc/cpuinfo
+# flags whose units oneDNN may still use; flags of the families named here and not kept are dropped
+ISA_CAP_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_CAPPED_FAMILIES = ("avx2", "fma", "avx512", "amx")
+_ISA_KEEPS = {
+    "SSE41": (), "AVX": (), "AVX2": ("avx2", "fma"), "AVX2_VNNI": ("avx2", "fma"), "AVX2_VNNI_2": ("avx2", "fma"),
+    "AVX512_CORE": ("avx2", "fma", "avx512f"), "AVX512_CORE_VNNI": ("avx2", "fma", "avx512f", "avx512_vnni"),
+    "AVX512_CORE_BF16": ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"),
+    "AVX512_CORE_FP16": ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"),
+    "AVX10_1_512": ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16"),
+}
+
+
+def isa_cap() -> Optional[str]:
+    """The ISA oneDNN is limited to by its environment variable (upper case), None when not capped
+    (unset, ALL, or an AMX level: every unit the flags name stays usable)."""
+    for name in ISA_CAP_ENV:
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return value if value in _ISA_KEEPS else None
+    return None
+
+
+def usable_flags(flags: Optional[Iterable[str]] = None) -> frozenset[str]:
+    """The CPU's flags less the units oneDNN is told not to use (`isa_cap`): with
+    ONEDNN_MAX_CPU_ISA=AVX2 an AVX-512 CPU with bf16 units runs (and is judged as) an AVX2 one."""
+    have = frozenset(cpu_flags() if flags is None else flags)
+    cap = isa_cap()
+    if cap is None:
+        return have
+    keep = set(_ISA_KEEPS[cap])
+    return frozenset(f for f in have if f in keep or not f.startswith(_CAPPED_FAMILIES))
+
+
 def cpu_model() -> str:
     """'model name' of /proc/cpuinfo, else the platform's processor string."""
     try:
@@ -91,18 +125,20 @@ def cpu_model() -> str:
 
 
 def reported_flags(flags: Optional[Iterable[str]] = None) -> list[str]:
-    """The performance-relevant flags this CPU has, in `REPORTED_CPU_FLAGS` order."""
-    have = set(cpu_flags() if flags is None else flags)
+    """The performance-relevant flags this CPU has and oneDNN may use (`usable_flags`), in
+    `REPORTED_CPU_FLAGS` order."""
+    have = usable_flags(flags)
     return [f for f in REPORTED_CPU_FLAGS if f in have]
 
 
 def native_bf16(device: torch.device, flags: Optional[Iterable[str]] = None) -> bool:
     """Whether `device` runs bf16 natively: a GPU with bf16 tensor cores (not emulation), or a
     CPU with AVX-512 BF16 or AMX units (oneDNN's bf16 kernels; without them bf16 is emulated and
-    30-60x slower than fp32, measured on an AVX2 CPU)."""
+    30-60x slower than fp32, measured on an AVX2 CPU; units oneDNN is told not to use by
+    `isa_cap` do not count)."""
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    have = set(cpu_flags() if flags is None else flags)
+    have = usable_flags(flags)
     return any(f in have for f in BF16_CPU_FLAGS)
 
 
@@ -125,11 +161,24 @@ def _cpu_bf16_probe(threads: int) -> dict[str, float]:
             "speedup": round(best["fp32"] / best["bf16"], 3), "min_speedup": BF16_MIN_SPEEDUP, "threads": threads}
 
 
+@lru_cache(maxsize=None)
+def _agreed_probe(threads: int, world: int) -> dict[str, float]:
+    rec = _cpu_bf16_probe(threads)
+    if world > 1:          # one decision for the whole job: ranks measuring near the threshold could differ
+        from okdpose import distributed
+        rec = {**distributed.broadcast_object(rec), "decided_by": f"rank 0 of {world}"}
+    return rec
+
+
 def cpu_bf16_probe() -> dict[str, float]:
     """One 3x3 convolution (8x64x48x64, 64 -> 64 channels, channels-last, no grad; 1.8 GFLOP) timed
     in fp32 and in bf16, interleaved, best of 4 each (~0.1-0.3 s, once per process and thread
-    count) -> {fp32_ms, bf16_ms, speedup (fp32 / bf16 time), min_speedup, threads}."""
-    return dict(_cpu_bf16_probe(torch.get_num_threads()))
+    count) -> {fp32_ms, bf16_ms, speedup (fp32 / bf16 time), min_speedup, threads}. Under a
+    process group of several ranks every rank takes rank 0's figures (+ `decided_by`): the first
+    call after the group starts is a collective, which every rank makes (the same code runs)."""
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dict(_agreed_probe(torch.get_num_threads(), world))
 
 
 def fast_bf16(device: torch.device, flags: Optional[Iterable[str]] = None,
@@ -178,6 +227,8 @@ def precision_record(device: torch.device, dtype: Optional[torch.dtype], asked: 
     rec: dict[str, object] = {"precision": SHORT[dtype], "precision_asked": asked, "device": dev.type}
     if dev.type == "cpu":
         rec["cpu_flags"] = " ".join(reported_flags())
+        if isa_cap():
+            rec["isa_cap"] = isa_cap()
         if asked == "auto" and native_bf16(dev):
             rec["bf16_probe"] = cpu_bf16_probe()
     return rec
@@ -191,8 +242,7 @@ def channels_last_for(device: torch.device, setting: "bool | str", flags: Option
         return setting
     if torch.device(device).type == "cuda":
         return True
-    have = set(cpu_flags() if flags is None else flags)
-    return "avx512f" in have
+    return "avx512f" in usable_flags(flags)
 
 
 def configure_backends(device: torch.device, deterministic: bool) -> None:

@@ -92,8 +92,9 @@ def predict(model: nn.Module, dataset: Dataset, *, batch_size: int = 32, device:
     Eval mode and no_grad (the model's train/eval mode is restored afterwards). An HRNet runs as
     `okdpose.model.fuse.inference_copy` (kept with the model: `cached_inference_copy`; BN folded
     into the convs, channels-last on CPU: faster, same outputs up to float rounding as
-    tests/test_fuse.py checks; `fold_bn=False` runs the model itself); CPU inputs go channels-last. `device`: where the model is (default: where its
-    parameters are; inputs are moved there). Flip test averages each output with `flip_back` of
+    tests/test_fuse.py checks; `fold_bn=False` runs the model itself); CPU inputs go
+    channels-last. `device`: where the model is (default: where its parameters are; inputs are
+    moved there). Flip test averages each output with `flip_back` of
     the mirrored input's output (flip pairs swapped, one-column shift); `flip_perm` defaults to the
     dataset's (`JointSpec.flip_permutation()`). `autocast`: run the network under autocast to
     this dtype (bf16 / fp16; None: fp32); the heatmaps are decoded in fp32.

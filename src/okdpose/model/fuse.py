@@ -114,7 +114,7 @@ def cached_inference_copy(model: nn.Module, *, channels_last: Optional[bool] = N
     model validated after every training epoch), the kept copy is re-folded in place from them
     (`refold`: the same numbers a new copy would hold) instead of deep-copied again; a copy
     returned earlier then holds the new values too. For repeated calls: making the copy costs more
-    than a batch-1 forward pass (`okdpose bench` times it; W8 0.26-0.42 s against ~0.02 s refolded)."""
+    than a batch-1 forward pass (`okdpose bench` times it; W8 0.26-0.42 s against 0.06 s refolded)."""
     key = (channels_last, tuple(sorted(keep)), _state_key(model))
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:
