@@ -61,3 +61,69 @@ def test_overrides_and_file_errors(tmp_path):
     f.write_text("loss: [1, 2\n")
     with pytest.raises(ParamsError, match="YAML"):
         load_params(f)
+
+
+NON_FINITE = [float("nan"), float("inf"), -float("inf"), 10 ** 400]
+
+
+@pytest.mark.parametrize("key", ["data.sigma", "train.lr", "loss.kld_weight", "loss.teacher_weight",
+                                 "loss.temperature", "loss.rampup_epochs", "train.grad_clip", "train.momentum",
+                                 "train.weight_decay", "data.synthetic.noise_mm", "evaluate.image_thre",
+                                 "data.depth_range"])
+@pytest.mark.parametrize("value", NON_FINITE, ids=["nan", "inf", "-inf", "10**400"])
+def test_non_finite_numbers_are_refused_by_key(key, value):
+    # NaN passes every `x < 0` / `x <= 0` check; before, these reached torch / the codec as tracebacks
+    section, _, name = key.rpartition(".")
+    raw: dict = {}
+    d = raw
+    for part in section.split("."):
+        d = d.setdefault(part, {})
+    d[name] = [0.0, value] if name == "depth_range" else value
+    with pytest.raises(ParamsError, match="finite number") as err:
+        params_from_dict(raw)
+    assert key in str(err.value)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"train": {"seed": -1}}, ["train.seed", "0..2**32-1"]),
+    ({"data": {"synthetic": {"seed": -1}}}, ["data.synthetic.seed"]),
+    ({"explain": {"seed": 2 ** 40}}, ["explain.seed"]),
+    ({"train": {"momentum": -1.0}}, ["train.momentum", "[0, 1)"]),
+    ({"train": {"momentum": 1.0}}, ["train.momentum"]),
+    ({"train": {"weight_decay": -1.0}}, ["train.weight_decay", ">= 0"]),
+    ({"evaluate": {"image_thre": 2.0}}, ["evaluate.image_thre"]),
+    ({"train": {"epochs": 10 ** 30}}, ["train.epochs", "2**63"]),
+])
+def test_values_torch_or_numpy_would_refuse_later_are_refused_by_key(raw, words):
+    with pytest.raises(ParamsError) as err:
+        params_from_dict(raw)
+    for w in words:
+        assert w in str(err.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("on: true\n", ["True", "quote"]),                         # YAML 1.1 reads `on` as a boolean
+    ("null: a\n", ["None", "quote"]),
+    ("train:\n  2: x\n  trainn: 1\n", ["train: key 2", "quote"]),   # mixed key types once broke sorted()
+])
+def test_keys_that_yaml_reads_as_values_are_named(tmp_path, text, words):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(f)
+    for w in [str(f)] + words:
+        assert w in str(err.value)
+
+
+def test_unreadable_params_files_are_named(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_bytes("# réglages\nloss:\n  kld_weight: 0.5\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match="not UTF-8") as err:
+        load_params(f)
+    assert str(f) in str(err.value)
+    with pytest.raises(ParamsError, match="is a folder"):
+        load_params(tmp_path)
+    onnx_like = tmp_path / "stage3.onnx"
+    onnx_like.write_bytes(b"\x08\x07\x12\x07pytorch\xff\xfe")
+    with pytest.raises(ParamsError, match="not UTF-8"):
+        load_params(onnx_like)

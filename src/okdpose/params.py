@@ -22,6 +22,7 @@ from okdpose.codec import OUTPUT_STRIDE, HeatmapCodec
 from okdpose.joints import JOINT_SPECS, JointSpec, get_joint_spec
 
 MAX_STAGES = 4
+MAX_INT = 2 ** 63 - 1
 # autocast of a model (`okdpose.device.autocast_dtype`): auto = bf16 where the device runs it natively
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # keys that were renamed: the loader names the new key instead of "unknown key"
@@ -51,6 +52,7 @@ class SyntheticParams:
     false_positive_prob: float = 0.05               # detection boxes: chance of an extra low-score box per frame
 
     def validate(self, where: str) -> None:
+        _check_seed(self.seed, f"{where}.seed")
         if len(self.subjects) != 3 or min(self.subjects) < 1:
             raise ParamsError(f"{where}.subjects must be three positive counts [train, val, test], got {list(self.subjects)}")
         if not 1 <= self.frames_per_subject <= 9999:
@@ -229,6 +231,11 @@ class TrainParams:
             raise ParamsError(f"{where}.lr_steps must be increasing positive epochs, got {list(self.lr_steps)}")
         if not 0 < self.lr_factor <= 1:
             raise ParamsError(f"{where}.lr_factor must be in (0, 1], got {self.lr_factor}")
+        if not 0 <= self.momentum < 1:      # torch refuses < 0 only when training starts; >= 1 diverges
+            raise ParamsError(f"{where}.momentum must be in [0, 1) (SGD's momentum, e.g. 0.9), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ParamsError(f"{where}.weight_decay must be >= 0 (0: off), got {self.weight_decay}")
+        _check_seed(self.seed, f"{where}.seed")
         if self.workers < 0 or self.patience < 0:
             raise ParamsError(f"{where}.workers and {where}.patience must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -267,7 +274,7 @@ class EvaluateParams:
                               f"added), got {list(self.anytime_thresholds)}")
         if not self.pck_thresholds or any(not 0 < t <= 1 for t in self.pck_thresholds):
             raise ParamsError(f"{where}.pck_thresholds must be fractions in (0, 1], got {list(self.pck_thresholds)}")
-        for key in ("oks_thre", "in_vis_thre"):
+        for key in ("oks_thre", "in_vis_thre", "image_thre"):
             _check_prob(getattr(self, key), f"{where}.{key}")
         if self.num_images < 0:
             raise ParamsError(f"{where}.num_images must be >= 0, got {self.num_images}")
@@ -293,6 +300,7 @@ class ExplainParams:
     def validate(self, where: str) -> None:
         if self.num_images < 1:
             raise ParamsError(f"{where}.num_images must be >= 1, got {self.num_images}")
+        _check_seed(self.seed, f"{where}.seed")
         if not 0 < self.pointing_radius <= 1:
             raise ParamsError(f"{where}.pointing_radius must be a fraction of the box size in (0, 1], "
                               f"got {self.pointing_radius}")
@@ -492,7 +500,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read, type-check and validate params.yaml. `overrides` maps dotted keys to values."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(_read_text(path)) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found (run from the repository root)") from None
     except yaml.YAMLError as e:
@@ -519,7 +527,7 @@ def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found; pass --params or run from the project root")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
     keep = {k: raw[k] for k in ("data", "evaluate", "tracking") if isinstance(raw, dict) and k in raw}
@@ -528,6 +536,22 @@ def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params
         return params_from_dict({**keep, "model": model, "loss": {"use_kld": False, "kld_couples": []}})
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; a folder, an unreadable or a binary file -> ParamsError naming it
+    (FileNotFoundError passes through for the caller's own message)."""
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, not a params file; pass the params.yaml inside it")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): is it a params YAML file? "
+                          f"Save it as UTF-8") from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") from None
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
@@ -542,6 +566,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{where or 'params'} must be a mapping, got {raw!r}")
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:     # YAML 1.1 reads on/off/yes/no/null and numbers as non-strings
+        raise ParamsError(f"{where or 'params'}: key {odd[0]!r} ({type(odd[0]).__name__}) is not a name; YAML reads "
+                          f"unquoted on, off, yes, no, null and numbers as values; quote it or fix the spelling")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -598,11 +626,19 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"{where} must be an integer, got {value!r}")
+        if abs(value) > MAX_INT:    # numpy / torch take 64-bit integers
+            raise ParamsError(f"{where} is {value}; it must be an integer below 2**63 in size")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):   # NaN passes every `<` check below; no param means "infinite"
+            raise ParamsError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{where} must be a string, got {value!r}")
@@ -616,6 +652,11 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_to_plain(v) for v in obj]
     return obj
+
+
+def _check_seed(value: int, where: str) -> None:
+    if not 0 <= value < 2 ** 32:     # numpy's SeedSequence refuses negatives; 32 bits for every RNG we seed
+        raise ParamsError(f"{where} must be an integer in 0..2**32-1, got {value}")
 
 
 def _check_prob(value: float, where: str) -> None:
