@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +23,7 @@ from okdpose.deploy_meta import DeployMeta, MetaError
 from okdpose.export import (PRECISION_TOLERANCE, ExportError, Crops, compare, dataset_crops, export_precision,
                             export_report, export_stage, heatmaps, latency_lines, latency_ms, lowered, main,
                             near_ties, onnx_bytes, onnx_runner, precision_info, precision_shift, random_crops,
-                            read_meta, stage_model, stage_test_ap, torch_runner, torchscript_bytes,
+                            read_meta, stage_model, stage_test_ap, staged_out, torch_runner, torchscript_bytes,
                             torchscript_runner, write_onnx, write_torchscript)
 from okdpose.joints import BABYPOSE12
 from okdpose.model import MultiOutHRNet, save_checkpoint
@@ -518,3 +520,70 @@ def test_stage_records_the_precision_and_what_it_moves(root, monkeypatch):
         assert v["precision"] == "fp16" and set(v["vs_fp32"]) >= {"max_rel_diff", "shift_px_mean", "shift_px_max"}
         assert read_meta(root / "models" / "export" / f"stage2{suffix}").precision == "fp16"
     assert m["stage2"]["precision"]["onnxruntime"] == "fp16" and "onnxruntime_fp32" in m["stage2"]["latency_ms"]
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub", "locked/cli"])
+def test_command_refuses_an_out_it_cannot_write_before_any_work(root, capsys, monkeypatch, out):
+    (root / "afile").write_text("keep")
+    (root / "locked").mkdir()
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp",                            # as root, chmod does not stop writes
+                        lambda *a, **kw: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if Path(str(kw.get("dir"))).name == "locked" else real(*a, **kw))
+    assert main(["--stage", "1", "--formats", "onnx", "--out", out]) == 2
+    cap = capsys.readouterr()
+    assert f"--out {out}:" in cap.err and "folder" in cap.err and "Traceback" not in cap.err
+    assert "model.pt" not in cap.out                                   # refused before loading the model
+    assert (root / "afile").read_text() == "keep" and list((root / "locked").iterdir()) == []
+
+
+def test_command_writes_every_file_or_none(root, capsys, monkeypatch):
+    (root / "cli").mkdir()
+    (root / "cli" / "stage2.onnx").write_bytes(b"an earlier good file")
+    real = compare
+
+    def stage3_fails(ref, got, crops, *, what="export", **kw):           # stage 2 passes, stage 3's file fails
+        if "stage3.onnx" in what:
+            raise ExportError(f"{what}: max |diff| above the tolerance")
+        return real(ref, got, crops, what=what, **kw)
+    monkeypatch.setattr("okdpose.export.compare", stage3_fails)
+    assert main(["--stage", "2", "3", "--formats", "onnx", "--out", "cli"]) == 2
+    err = capsys.readouterr().err
+    assert "cli/stage3.onnx (onnxruntime" in err and ".tmp" not in err
+    assert [p.name for p in (root / "cli").iterdir()] == ["stage2.onnx"]
+    assert (root / "cli" / "stage2.onnx").read_bytes() == b"an earlier good file"
+    assert main(["--stage", "3", "--formats", "onnx", "--out", "new/cli"]) == 2
+    assert not (root / "new").exists() and not list(root.glob(".okdpose-export.*"))
+
+
+def test_command_blames_a_checkpoint_with_a_nan_weight(root, capsys):
+    m = trained_like()
+    with torch.no_grad():
+        m.conv1.weight[0, 0, 0, 0] = float("nan")
+    save_checkpoint(root / "nan.pt", m)
+    assert main(["--model", "nan.pt", "--stage", "1", "--formats", "onnx", "--out", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.pt: the checkpoint's outputs are not finite" in err and "'conv1.weight'" in err
+    assert "does not compute" not in err and not (root / "nan").exists()
+
+
+def test_command_names_params_when_it_is_a_folder(root, capsys):
+    (root / "pdir").mkdir()
+    assert main(["--params", "pdir", "--stage", "1", "--formats", "onnx", "--out", "cli"]) == 2
+    err = capsys.readouterr().err
+    assert "--params pdir: is a folder" in err and "Traceback" not in err and not (root / "cli").exists()
+
+
+def test_staged_out_undoes_its_moves_when_one_fails(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left"))
+                        if Path(dst).name == "b" else real(src, dst))
+    for target in (out, tmp_path / "new" / "out"):
+        with pytest.raises(ExportError, match=r"--out .*out: could not move .*left as it was"):
+            with staged_out(target) as tmp:
+                (tmp / "a").write_text("new")
+                (tmp / "b").write_text("new")
+    assert (out / "a").read_text() == "old" and [p.name for p in tmp_path.rglob("*")] == ["out", "a"]

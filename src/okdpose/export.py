@@ -38,8 +38,11 @@ import contextlib
 import copy
 import io
 import logging
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -505,8 +508,9 @@ def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: De
     precs = {fmt: export_precision(precision, fmt) for fmt in formats}    # before any work: a bad pair fails fast
     sm = stage_model(model, stage)
     ref = heatmaps(torch_runner(sm, channels_last=False), crops)
-    verify = {"full_model": compare(full_model_heatmaps(model, stage, crops), ref, crops, tolerance=tolerance,
-                                    max_near_ties=max_near_ties,
+    full = full_model_heatmaps(model, stage, crops)
+    _check_finite(full, model, stage, meta, crops)
+    verify = {"full_model": compare(full, ref, crops, tolerance=tolerance, max_near_ties=max_near_ties,
                                     what=f"stage {stage} alone vs the whole model's stage {stage}")}
     refs = {"fp32": ref}        # PyTorch eager in each precision: what a file of that precision claims to compute
     files, runners = {}, {}
@@ -539,6 +543,21 @@ def export_stage(model: MultiOutHRNet, stage: int, out_dir: str | Path, meta: De
                  verify[fmt]["max_abs_diff"], verify[fmt]["rel_diff"], s32["max_rel_diff"], s32["shift_px_mean"],
                  s32["shift_px_max"], s32["points_moved_1px"], s32["points"])
     return StageExport(stage, sm, files, verify, precs, runners)
+
+
+def _check_finite(full: np.ndarray, model: MultiOutHRNet, stage: int, meta: DeployMeta, crops: Crops) -> None:
+    """ExportError naming the checkpoint when the trained model's own PyTorch heatmaps hold NaN /
+    inf: no export can match them, and the fault is the checkpoint's, not the export's."""
+    bad = ~np.isfinite(full)
+    if not bad.any():
+        return
+    ckpt = meta.source.get("checkpoint", "the trained model")
+    tensors = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    why = (f"{len(tensors)} of its tensors hold NaN / inf, e.g. {tensors[0]!r}" if tensors
+           else "NaN / inf weights, or activations overflowing float32?")
+    raise ExportError(f"{ckpt}: the checkpoint's outputs are not finite: stage {stage} of the PyTorch model gives "
+                      f"{int(bad.sum())} NaN / inf of {bad.size} heatmap values on {crops.source} ({why}); export "
+                      "from a checkpoint with finite weights (an earlier one, or retrain)")
 
 
 def _check_range(ref32: np.ndarray, low: np.ndarray, prec: str, stage: int) -> None:
@@ -703,6 +722,63 @@ def latency_lines(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def staged_out(out: str | Path) -> Iterator[Path]:
+    """A new empty folder to export into, on `out`'s file system (inside `out`, or inside its
+    nearest existing parent while `out` is still to be made), checked before any work: ExportError
+    naming --out when `out` is a file, lies under one or cannot be written. When the block
+    succeeds its files move into `out` (made if missing), all or none: a failed run leaves `out`
+    as it was (earlier files of the same names included) and the folder is removed either way.
+    (`okdpose.files.atomic_dir` replaces a whole folder: --out may hold other files, e.g. `.`.)"""
+    out = Path(out)
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        what = "is a file" if base == out else f"lies under {base}, a file"
+        raise ExportError(f"--out {out}: {what}, not a folder; pass a folder for the stage{{k}}.onnx / .pt files "
+                          "(made when missing)")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".okdpose-export.", suffix=".tmp", dir=base))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {base} ({e.strerror or e}); pass a folder you can write "
+                          "to") from None
+    try:
+        yield tmp
+        _move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into(tmp: Path, out: Path) -> None:
+    """Move every file of `tmp` into `out` (made if missing); on any failure undo the moves done
+    (earlier files back in place, folders made removed) and raise ExportError naming --out."""
+    names = sorted(p.name for p in tmp.iterdir())
+    clash = [out / n for n in names if (out / n).is_dir() and not (out / n).is_symlink()]
+    if clash:
+        raise ExportError(f"--out {out}: {clash[0]} is a folder; move it away or pass another --out")
+    made = [d for d in (out, *out.parents) if not d.exists()]          # deepest first
+    moved: list[tuple[Path, Path | None]] = []                         # (target, its earlier file kept in tmp)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            dst, old = out / name, None
+            if dst.exists() or dst.is_symlink():
+                old = tmp / f".old.{name}"
+                os.replace(dst, old)
+            moved.append((dst, old))
+            os.replace(tmp / name, dst)
+    except OSError as e:
+        for dst, old in reversed(moved):
+            with contextlib.suppress(OSError):
+                os.replace(old, dst) if old is not None else dst.unlink(missing_ok=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise ExportError(f"--out {out}: could not move the verified files into it ({e}); it was left as it "
+                          "was: pass a folder you can write to") from None
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int:
     """okdpose export: stage(s) of a trained model as standalone verified ONNX / TorchScript files."""
     from okdpose.data.coco import DataError
@@ -731,37 +807,51 @@ def main(argv: Sequence[str] | None = None, prog: str = "okdpose export") -> int
     ap.add_argument("--latency", action="store_true", help="also time them next to the teacher and print the table")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tmp = None
     try:
-        if not args.model.is_file():
-            raise FileNotFoundError(f"{args.model}: not found; check --model (dvc repro train-okd writes models/model.pt)")
-        model, arch, _ = load_released(args.model)     # ours or an original OKD-HRNet / HRNet file
-        print(f"{prog}: {args.model}: {arch.describe()}")
-        # the file defines the model; params.yaml gives the data settings (and its training sections are moot)
-        overrides = {k: v for k, v in (("export.stages", args.stage), ("export.formats", args.formats),
-                                       ("export.opset", args.opset), ("export.precision", args.precision))
-                     if v is not None}
-        overrides.update({f"model.{k}": v for k, v in arch.config().items() if k != "num_joints"})
-        overrides.update({"model.pretrained": None, "model.checkpoint": None, "loss.use_kld": False,
-                          "loss.kld_couples": [], "explain.stages": None})
-        p = load_params(args.params, overrides)
-        e = p.export
-        metas = {k: stage_meta(p, model, k, test_ap=stage_test_ap(args.eval_metrics, k), source=source_info(args.model))
-                 for k in e.stages}
-        if (args.data / "meta.json").is_file():
-            crops = dataset_crops(PoseDataset(args.data, "test", p.joint_spec, p.data.codec), e.verify_samples)
-        else:
-            print(f"{prog}: no prepared data at {args.data}: verifying on random inputs", file=sys.stderr)
-            crops = random_crops(e.verify_samples, p.data.codec)
-        exports = export_stages(model, metas, args.out, crops, formats=e.formats, opset=e.opset,
-                                tolerance=e.tolerance, max_near_ties=e.max_near_ties, threads=e.threads,
-                                precision=e.precision)
-        if args.latency:
-            report = export_report(model, exports, crops, batches=e.latency_batches, repeats=e.latency_repeats,
-                                   threads=e.threads, opset=e.opset, formats=e.formats)
-            print("\n".join(latency_lines(report)))
-    except (ParamsError, CheckpointError, MetaError, ExportError, DataError, FileNotFoundError) as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+        with staged_out(args.out) as tmp:        # --out checked first; its files appear only if all are verified
+            if not args.model.is_file():
+                raise FileNotFoundError(f"{args.model}: not found; check --model (dvc repro train-okd writes "
+                                        "models/model.pt)")
+            model, arch, _ = load_released(args.model)     # ours or an original OKD-HRNet / HRNet file
+            print(f"{prog}: {args.model}: {arch.describe()}")
+            # the file defines the model; params.yaml gives the data settings (its training sections are moot)
+            overrides = {k: v for k, v in (("export.stages", args.stage), ("export.formats", args.formats),
+                                           ("export.opset", args.opset), ("export.precision", args.precision))
+                         if v is not None}
+            overrides.update({f"model.{k}": v for k, v in arch.config().items() if k != "num_joints"})
+            overrides.update({"model.pretrained": None, "model.checkpoint": None, "loss.use_kld": False,
+                              "loss.kld_couples": [], "explain.stages": None})
+            if args.params.is_dir():
+                raise ExportError(f"--params {args.params}: is a folder, not a params file; pass the params.yaml "
+                                  "the model was trained with")
+            try:
+                p = load_params(args.params, overrides)
+            except OSError as err:
+                raise ExportError(f"--params {args.params}: cannot read it ({err.strerror or err}); pass the "
+                                  "params.yaml the model was trained with") from None
+            e = p.export
+            metas = {k: stage_meta(p, model, k, test_ap=stage_test_ap(args.eval_metrics, k),
+                                   source=source_info(args.model)) for k in e.stages}
+            if (args.data / "meta.json").is_file():
+                crops = dataset_crops(PoseDataset(args.data, "test", p.joint_spec, p.data.codec), e.verify_samples)
+            else:
+                print(f"{prog}: no prepared data at {args.data}: verifying on random inputs", file=sys.stderr)
+                crops = random_crops(e.verify_samples, p.data.codec)
+            exports = export_stages(model, metas, tmp, crops, formats=e.formats, opset=e.opset,
+                                    tolerance=e.tolerance, max_near_ties=e.max_near_ties, threads=e.threads,
+                                    precision=e.precision)
+            if args.latency:
+                report = export_report(model, exports, crops, batches=e.latency_batches,
+                                       repeats=e.latency_repeats, threads=e.threads, opset=e.opset,
+                                       formats=e.formats)
+                print("\n".join(latency_lines(report)))
+    except (ParamsError, CheckpointError, MetaError, ExportError, DataError, OSError) as err:
+        # a verification error names the file it wrote in the (removed) staging folder: name --out's
+        print(f"{prog}: {str(err).replace(str(tmp), str(args.out)) if tmp else err}", file=sys.stderr)
         return 2
+    for x in exports:                          # where the files are now
+        x.files = {fmt: args.out / path.name for fmt, path in x.files.items()}
     for x in exports:
         for fmt, path in x.files.items():
             v = x.verify[fmt]
