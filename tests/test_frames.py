@@ -92,6 +92,7 @@ def corrupt_png(path: Path) -> Path:
 def test_natural_order():
     names = ["f10.png", "f2.png", "F1.png", "f2b.png"]
     assert sorted(names, key=natural_key) == ["F1.png", "f2.png", "f2b.png", "f10.png"]
+    assert sorted(["1²2.png", "1.png"], key=natural_key) == ["1.png", "1²2.png"]    # '²' isdigit(), int() refuses it
 
 
 def test_depth_folder_reads_like_preprocess(folder):

@@ -466,3 +466,175 @@ def test_refine_options(tiny, folder, tmp_path, capsys):
     assert code == 0 and "model calls/frame" in stdout
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["refine"]["iterations"] == 1 and 9 <= summary["model_calls"] <= 18
+
+
+# --------------------------------------------------------------------------- bad options, files and folders
+
+def no_debris(root: Path) -> bool:
+    """No temporary or moved-aside folder left anywhere under `root`."""
+    return not [p for p in root.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_exit_threshold_inf_is_null_in_the_summary(tiny, folder, tmp_path, capsys):
+    ckpt, params, _ = tiny
+    out = tmp_path / "out"
+    code, _, err = run([folder, "--model", ckpt, "--exit-threshold", "inf", "--params", params, "--out", out,
+                        "--refine", 0], capsys)
+    assert code == 0, err                                       # json.dumps refused inf after all the work
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_threshold"] is None and summary["exit_share"] == {"stage2": 1.0}     # null: never early
+
+
+@pytest.mark.parametrize("options, words", [
+    (["--region", 0, 0, 1e300, 1e300], "--region must be"),                 # inf once cast to float32
+    (["--smooth", "--min-cutoff", "inf"], "--min-cutoff must be a finite number"),
+    (["--smooth", "--beta", "inf"], "--beta must be a finite number"),
+    (["--fps", "inf"], "--fps must be a frame rate"),                       # hung in cv2.VideoWriter
+    (["--fps", 1e-9], "--fps must be a frame rate"),
+    (["--track", "--track-min-confidence", "nan"], "--track-min-confidence must be in [0, 1]"),
+    (["--track", "--track-min-confidence", -5], "--track-min-confidence must be in [0, 1]"),
+    (["--threads", 100000], "--threads must be from 1 to"),
+])
+def test_out_of_range_options_are_refused_before_any_work(tiny, folder, tmp_path, capsys, options, words):
+    ckpt, params, _ = tiny
+    out = tmp_path / "out"
+    code, _, err = run([folder, "--model", ckpt, "--stage", 1, "--params", params, "--out", out, "--refine", 0,
+                        "--video-out"] + options, capsys)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert not out.exists() and no_debris(tmp_path)
+
+
+def test_non_finite_model_outputs_name_the_model(tiny, folder, tmp_path, capsys):
+    from okdpose.model.checkpoint import save_checkpoint
+
+    ckpt, params, model = tiny
+    with torch_no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    save_checkpoint(bad, model)
+    out = tmp_path / "out"
+    code, _, err = run([folder, "--model", bad, "--stage", 1, "--params", params, "--out", out, "--overlay"], capsys)
+    assert code == 2 and "nan.pt: its outputs are not finite" in err and "NaN/inf weights" in err
+    assert not out.exists() and no_debris(tmp_path)
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
+
+
+@pytest.mark.parametrize("record, words", [
+    ({"category_id": [3]}, "record 0: category_id must be an integer"),       # was: unhashable type
+    ({"category_id": {"id": 3}}, "record 0: category_id must be an integer"),
+    ({"image_id": 110001.7}, "record 0: image_id must be an integer"),        # was: truncated to 110001
+    ({"bbox": [[209, 150], [201, 329]]}, "record 0: bbox must be 4 numbers"),  # was: reshaped to 4
+    ({"bbox": [1e300, 1e300, 1e300, 1e300]}, "record 0: bbox [1e+300"),       # was: inf in the JSON
+    (None, "no detections in this file"),                                     # was: an empty result
+])
+def test_bad_detection_records_are_named(tiny, folder, tmp_path, capsys, record, words):
+    ckpt, params, _ = tiny
+    first = int(sorted(folder.glob("*.png"))[0].stem)
+    dets = tmp_path / "dets.json"
+    good = {"image_id": first, "category_id": 3, "bbox": [10, 10, 100, 100], "score": 0.9}
+    dets.write_text(json.dumps([] if record is None else [{**good, **record}]))
+    out = tmp_path / "out"
+    code, _, err = run([folder, "--model", ckpt, "--stage", 1, "--params", params, "--out", out, "--boxes", dets],
+                       capsys)
+    assert code == 2 and f"dets.json: {words}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def depth_frames(src: Path, dest: Path, names) -> Path:
+    """`src`'s first frames copied under `names` (a suffix other than .png: re-encoded, 8-bit)."""
+    dest.mkdir()
+    for f, name in zip(sorted(src.glob("*.png")), names):
+        if name.endswith(".png"):
+            shutil.copy(f, dest / name)
+        else:
+            cv2.imwrite(str(dest / name), read_frame(f, DEPTH_RANGE)[..., 0])
+    return dest
+
+
+def test_frames_sharing_a_name_keep_their_overlays_and_ids(tiny, folder, tmp_path, capsys):
+    ckpt, params, _ = tiny
+    base = ["--model", ckpt, "--stage", 1, "--params", params, "--refine", 0]
+    frames = depth_frames(folder, tmp_path / "ab", ["a.png", "a.jpg", "b.png", "\u00b2.png"])
+    code, _, err = run([frames, *base, "--out", tmp_path / "ab_out", "--overlay"], capsys)
+    assert code == 0, err                          # '\u00b2.png': isdigit() then int() was a ValueError
+    overlays = sorted(p.name for p in (tmp_path / "ab_out" / "overlay").glob("*.png"))
+    assert overlays == ["a_jpg.png", "a_png.png", "b.png", "\u00b2.png"]            # a.jpg overwrote a.png
+    ids = [r["image_id"] for r in json.loads((tmp_path / "ab_out" / "keypoints.json").read_text())]
+    assert sorted(ids) == [0, 1, 2, 3]
+    frames = depth_frames(folder, tmp_path / "ones", ["1.png", "01.png"])
+    out = tmp_path / "ones_out"
+    code, _, err = run([frames, *base, "--out", out], capsys)
+    assert code == 2 and "01.png and 1.png would both be image_id 1" in err and not out.exists()
+
+
+def test_out_that_would_lose_something_is_refused_first(tiny, folder, tmp_path, capsys, monkeypatch):
+    ckpt, params, _ = tiny
+    base = ["--model", ckpt, "--stage", 1, "--params", params, "--refine", 0]
+    nest = tmp_path / "out" / "nest"
+    code, _, err = run([folder, *base, "--out", nest, "--overlay"], capsys)
+    assert code == 0, err
+    before = sorted(p.name for p in (nest / "overlay").iterdir())
+    for out in (nest, nest.parent, nest / "overlay"):              # holds the input, or is it: it was deleted
+        code, _, err = run([nest / "overlay", *base, "--out", out], capsys)
+        assert code == 2 and "holds the input" in err
+    assert sorted(p.name for p in (nest / "overlay").iterdir()) == before
+    code, _, err = run([folder, "--model", ckpt, "--stage", 1, "--params", params, "--out", tmp_path / "model"],
+                       capsys)
+    assert code == 2 and "holds --model" in err and ckpt.exists()
+    (tmp_path / "single.png").write_bytes(b"x")
+    code, _, err = run([folder, *base, "--out", tmp_path / "single.png" / "sub"], capsys)
+    assert code == 2 and "--out" in err and "single.png is a file, not a folder" in err
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    code, _, err = run([folder, *base, "--out", "."], capsys)       # was: EBUSY after the work, `..x.old/` left
+    assert code == 2 and "--out . cannot be replaced" in err and "current folder" in err
+    assert no_debris(tmp_path) and list(here.iterdir()) == []
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_interrupted_run_leaves_no_temporary_folder(tiny, folder, tmp_path, capsys, monkeypatch, signal_name):
+    import os
+    import signal
+
+    from okdpose import predict
+
+    ckpt, params, _ = tiny
+    real = predict.OverlayWriter.__call__
+
+    def draw_then_signal(self, fp):
+        real(self, fp)
+        if fp.frame.index == 2:                   # some overlays written: SIGTERM left them in out/.x.tmp
+            os.kill(os.getpid(), getattr(signal, signal_name))
+
+    monkeypatch.setattr(predict.OverlayWriter, "__call__", draw_then_signal)
+    out = tmp_path / "out"
+    code, _, err = run([folder, "--model", ckpt, "--stage", 1, "--params", params, "--out", out, "--refine", 0,
+                        "--overlay"], capsys)
+    assert code == (143 if signal_name == "SIGTERM" else 130) and "interrupted" in err and "Traceback" not in err
+    assert not out.exists() and no_debris(tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or signal_name == "SIGINT"   # put back
+
+
+def test_video_out_names_the_frame_size(tiny, tmp_path, capsys):
+    ckpt, params, _ = tiny
+    frames = tmp_path / "thin"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "001.png"), np.zeros((1, 64), np.uint8))
+    code, _, err = run([frames, "--model", ckpt, "--stage", 1, "--params", params, "--out", tmp_path / "o",
+                        "--refine", 0, "--video-out"], capsys)
+    assert code == 2 and "frames are 64x1 px" in err and ".tmp" not in err     # not the vanished temporary path
+
+
+def test_empty_video_says_so(tiny, tmp_path, capsys):
+    ckpt, params, _ = tiny
+    empty = tmp_path / "empty.avi"
+    writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    writer.release()
+    code, _, err = run([empty, "--model", ckpt, "--stage", 1, "--params", params, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "empty.avi: holds no frame" in err and "warnings above" not in err

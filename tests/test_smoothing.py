@@ -121,3 +121,10 @@ def test_time_must_increase_and_params_are_checked():
         OneEuroFilter(OneEuroParams(min_cutoff=0.0))
     with pytest.raises(ValueError, match="beta"):
         OneEuroFilter(OneEuroParams(beta=-1.0))
+
+
+@pytest.mark.parametrize("key", ["min_cutoff", "beta", "d_cutoff"])
+def test_non_finite_params_are_refused(key):
+    # inf passed the > 0 checks and turned every smoothed keypoint into NaN (alpha = inf / inf)
+    with pytest.raises(ValueError, match=f"{key} must be a finite number"):
+        OneEuroParams(**{key: math.inf}).validate()

@@ -72,24 +72,69 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; on success it replaces `path` (a folder).
 
     On failure the temporary folder is removed and an existing `path` is left untouched, so a
-    half-built output never looks complete.
+    half-built output never looks complete. If the rename itself fails (a busy or immutable
+    folder), the previous `path` is put back and nothing beside it is left.
     """
     path = Path(path)
+    if path.name in ("", ".", ".."):        # `.` has no name to build the temporary names from
+        path = Path(os.path.abspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)                  # mkdtemp makes it 0700; the result is an ordinary folder
     try:
         yield tmp
-        old = None
-        if path.exists() or path.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Rename `tmp` onto `path`, moving an existing `path` aside first and back if that fails."""
+    if not (path.exists() or path.is_symlink()):
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old / path.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old / path.name, path)       # the previous output stays where it was
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def replace_problem(path: str | Path) -> str | None:
+    """Why `atomic_dir(path)` could not put a new folder in place, or None: checked before the work
+    (a folder that is the working directory or holds it, a mount point, a file on the way, no
+    write permission on it or its parent, an immutable folder)."""
+    path = Path(os.path.abspath(path))
+    cwd = Path(os.getcwd())
+    if path == cwd or path in cwd.parents:
+        return "it is the current folder or holds it"
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    if path.is_symlink() or not path.exists():
+        target = path.parent if path.parent.exists() else parent
+        if target is not None and not os.access(target, os.W_OK | os.X_OK):
+            return f"no write permission in {target}"
+        return None
+    if not path.is_dir():
+        return "it is a file, not a folder"
+    if os.path.ismount(path):
+        return "it is a mount point"
+    # renaming a folder aside rewrites its `..`: it needs write permission on the folder itself,
+    # which access() also denies for an immutable one (chattr +i), even to root
+    for p in (path.parent, path):
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"no write permission on {p} (or it is immutable)"
+    return None
 
 
 def save_deterministic(obj: Any, path: str | Path) -> None:

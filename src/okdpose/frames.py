@@ -25,6 +25,7 @@ empty folder, a video without its index) is always a FrameError.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,8 @@ class SkippedFrame:
 
 def natural_key(name: str) -> list:
     """Sort key: digit runs compare as numbers (`f2.png` < `f10.png`), the rest case-insensitively."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
+    # isdecimal, not isdigit: '²' is a digit int() refuses (and re's \d does not match it)
+    return [(0, int(part), "") if part.isdecimal() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name)]
 
 
 def video_frame_name(index: int) -> str:
@@ -163,5 +165,5 @@ def open_source(path: str | Path, *, depth_range: Sequence[float] = (400.0, 1200
     cap = _open_video(path)
     fps, count = cap.get(cv2.CAP_PROP_FPS), cap.get(cv2.CAP_PROP_FRAME_COUNT)
     cap.release()
-    return FrameSource(path, "video", on_error, rng, fps=float(fps) if fps and fps > 0 else None,
+    return FrameSource(path, "video", on_error, rng, fps=float(fps) if fps and 0 < fps < math.inf else None,
                        count=int(count) if count and count > 0 else None)

@@ -58,8 +58,11 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -78,6 +81,8 @@ from okdpose.smoothing import OneEuroFilter, OneEuroParams
 IN_VIS_THRE = EvaluateParams().in_vis_thre      # the evaluate stage's rescoring and NMS defaults
 OKS_THRE = EvaluateParams().oks_thre
 BOX_MODES = ("frame", "track", "detections")
+MAX_PX = 1e6                # |box coordinates| above this are no frame's pixels (and overflow float32 crops)
+FPS_RANGE = (0.01, 1000.0)  # --fps: what smoothing times and mp4v (timebase <= 1/65535) take
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,15 @@ class TrackParams:
     margin: float = 0.3           # box enlarged by this fraction of its size on every side (the head is no
                                   # joint; a moving infant must stay inside; on val 0.3 tracked better than 0.2)
     min_size: float = 32.0        # px: smallest box side
+
+    def validate(self) -> None:
+        # NaN passes every < test: it would turn the fallback off without a word
+        if not 0.0 <= self.min_confidence <= 1.0:
+            raise PredictError(f"--track-min-confidence must be in [0, 1] (a mean joint confidence), got "
+                               f"{self.min_confidence}")
+        if not (0.0 <= self.min_score <= 1.0 and self.min_joints >= 0 and 0.0 <= self.margin <= MAX_PX
+                and 0.0 < self.min_size <= MAX_PX):
+            raise PredictError(f"track parameters out of range: {self}")
 
 
 @dataclass(frozen=True)
@@ -199,13 +213,68 @@ def refine_boxes(predict: PredictBoxes, images: Sequence[np.ndarray], boxes: np.
 
 def frame_image_id(source: FrameSource, frame: Frame) -> int:
     """The image_id of a frame (module docstring): the file name's number, else the frame index."""
-    stem = Path(frame.name).stem
-    if source.kind != "video" and stem.isdigit():
-        return int(stem)
-    return frame.index
+    return frame.index if source.kind == "video" else _name_id(frame.name, frame.index)
+
+
+def _name_id(name: str, index: int) -> int:
+    stem = Path(name).stem
+    return int(stem) if stem.isdecimal() else index     # isdigit() passes '²', which int() refuses
+
+
+def check_image_ids(source: FrameSource) -> None:
+    """Refuse a folder where two frames would get one image_id (`1.png` and `01.png`, or `1.png`
+    and a second file `x.png`): keypoints.json and --boxes need one id per frame."""
+    if source.kind == "video":
+        return
+    seen: dict[int, str] = {}
+    for i, f in enumerate(source.files):
+        image_id = _name_id(f.name, i)
+        if image_id in seen:
+            raise PredictError(f"{source.path}: {seen[image_id]} and {f.name} would both be image_id {image_id} (a "
+                               "frame's image_id is the number in its file name, else its 0-based position); "
+                               "rename or move one of them")
+        seen[image_id] = f.name
+
+
+def overlay_names(source: FrameSource) -> dict[int, str]:
+    """Frame index -> overlay PNG name: `<stem>.png`, or `<stem>_<suffix>.png` for frames sharing a
+    stem (`a.png`, `a.jpg`), numbered on when that is taken too; compared case-insensitively, as
+    some file systems do."""
+    stems = [Path(f.name).stem for f in source.files]
+    shared = {k for k, n in Counter(s.casefold() for s in stems).items() if n > 1}
+    names: dict[int, str] = {i: s for i, s in enumerate(stems) if s.casefold() not in shared}
+    used = {n.casefold() for n in names.values()}
+    renamed = []
+    for i, (f, stem) in enumerate(zip(source.files, stems)):
+        if i in names:
+            continue
+        base = name = f"{stem}_{f.suffix.lstrip('.')}"
+        k = 1
+        while name.casefold() in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.add(name.casefold())
+        names[i] = name
+        renamed.append(f"{f.name} -> overlay/{name}.png")
+    if renamed:
+        log.warning("frames share a file name but for the suffix; their overlays are %s", ", ".join(renamed))
+    return {i: f"{n}.png" for i, n in names.items()}
 
 
 Detections = dict[int, list[tuple[np.ndarray, float]]]     # image_id -> [(box (4,) xywh, score)]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> Optional[int]:
+    """A JSON integer (or an integral float, or a string of one) -> int, else None (110001.7, [3])."""
+    if isinstance(v, str) and v.strip().isdecimal():
+        return int(v)
+    if not _is_number(v) or not math.isfinite(v) or v != int(v):
+        return None
+    return int(v)
 
 
 def load_detections(path: str | Path, meta: DeployMeta, min_score: float = 0.0) -> Detections:
@@ -225,13 +294,18 @@ def load_detections(path: str | Path, meta: DeployMeta, min_score: float = 0.0) 
     if not isinstance(records, list):
         raise PredictError(f"{path}: expected a list of {{image_id, category_id, bbox, score}} records, got "
                            f"{type(records).__name__}")
+    if not records:
+        raise PredictError(f"{path}: no detections in this file (an empty list); give the detector's results for "
+                           "these frames, or drop --boxes to search each frame's box")
     out: Detections = {}
     categories = set()
     for i, r in enumerate(records):
         where = f"{path}: record {i}"
         if not isinstance(r, dict) or "image_id" not in r or "bbox" not in r:
             raise PredictError(f"{where}: needs image_id and bbox [x, y, w, h]")
-        cat = r.get("category_id", spec.category_id)
+        cat = _integer(r.get("category_id", spec.category_id))
+        if cat is None:
+            raise PredictError(f"{where}: category_id must be an integer, got {r['category_id']!r}")
         categories.add(cat)
         if isinstance(r.get("keypoints"), list) and len(r["keypoints"]) != 3 * spec.num_joints:
             raise PredictError(f"{where}: has {len(r['keypoints']) // 3} keypoints, the model predicts "
@@ -239,15 +313,18 @@ def load_detections(path: str | Path, meta: DeployMeta, min_score: float = 0.0) 
                                "layout: use a model trained for it or detections of the infant category")
         if cat != spec.category_id:
             continue
-        try:
-            box = np.asarray(r["bbox"], dtype=np.float64).reshape(4)
-            score = float(r.get("score", 1.0))
-            image_id = int(r["image_id"])
-        except (TypeError, ValueError):
-            raise PredictError(f"{where}: bbox must be 4 numbers [x, y, w, h], score a number, image_id an "
-                               "integer") from None
-        if not (np.isfinite(box).all() and box[2] > 0 and box[3] > 0 and math.isfinite(score)):
-            raise PredictError(f"{where}: bbox {box.tolist()} needs finite values and w, h > 0")
+        bbox, score, image_id = r["bbox"], r.get("score", 1.0), _integer(r["image_id"])
+        if image_id is None:
+            raise PredictError(f"{where}: image_id must be an integer (a frame's file-name number or index), got "
+                               f"{r['image_id']!r}")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise PredictError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+        if not _is_number(score) or not math.isfinite(score):
+            raise PredictError(f"{where}: score must be a finite number, got {score!r}")
+        box, score = np.asarray(bbox, dtype=np.float64), float(score)
+        if not ((np.abs(box) <= MAX_PX).all() and box[2] > 0 and box[3] > 0):
+            raise PredictError(f"{where}: bbox {box.tolist()} needs frame pixels (each within ±{MAX_PX:g}) and "
+                               "w, h > 0")
         if score >= min_score:
             out.setdefault(image_id, []).append((box, score))
     if records and not any(c == spec.category_id for c in categories):
@@ -352,7 +429,9 @@ class PredictResults:
         }
         if self.anytime:
             ex = np.concatenate([f.exit_stage for f in self.frames]) if self.frames else np.zeros(0, int)
-            out["exit_threshold"] = self.meta.source.get("exit_threshold")
+            tau = self.meta.source.get("exit_threshold")
+            # JSON has no inf: null is τ = inf, every frame runs to the last stage (README)
+            out["exit_threshold"] = tau if tau is None or math.isfinite(tau) else None
             out["exit_share"] = {f"stage{k}": round(float(np.mean(ex == k)), 4) for k in sorted(set(ex.tolist()))}
         return out
 
@@ -381,14 +460,19 @@ def predict_frames(runner: Runner, source: FrameSource, *, boxes: str | Path | D
                            "previous frame's keypoints")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
+    if fps is not None and not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        raise PredictError(f"--fps must be a frame rate from {FPS_RANGE[0]:g} to {FPS_RANGE[1]:g}, got {fps}")
     if region is not None:
         if boxes is not None:
             raise PredictError("--region and --boxes exclude each other: the boxes come from the detections file")
         r = np.asarray(region, np.float64).reshape(-1)
-        if r.size != 4 or not np.isfinite(r).all() or r[2] <= 0 or r[3] <= 0:
-            raise PredictError(f"--region must be X Y W H in frame pixels with W, H > 0, got {r.tolist()}")
+        if r.size != 4 or not (np.abs(r) <= MAX_PX).all() or r[2] <= 0 or r[3] <= 0:      # NaN fails too
+            raise PredictError(f"--region must be X Y W H in frame pixels with W, H > 0 (each within ±{MAX_PX:g}), "
+                               f"got {r.tolist()}")
     refine = RefineParams(iterations=0) if refine is None else refine
     refine.validate()
+    track_params.validate()
+    check_image_ids(source)
     dets = load_detections(boxes, meta) if isinstance(boxes, (str, Path)) else boxes
     mode = "detections" if dets is not None else "track" if track else "frame"
     spec = meta.joint_spec()
@@ -411,6 +495,9 @@ def predict_frames(runner: Runner, source: FrameSource, *, boxes: str | Path | D
         center, scale = box_to_center_scale(bxs, aspect)
         crops = [normalise(crop_image(im, c, s, meta.image_size), meta) for im, c, s in zip(images, center, scale)]
         hms, stages = zip(*(runner(np.stack(crops[i:i + batch_size])) for i in range(0, len(crops), batch_size)))
+        if not all(np.isfinite(h).all() for h in hms):        # NaN keypoints would only fail at writing
+            raise ModelError(f"{runner.path}: its outputs are not finite (NaN or inf heatmaps): a checkpoint with "
+                             "NaN/inf weights? Use an earlier checkpoint or retrain (and re-export) it")
         xy, maxvals = codec.decode(np.concatenate(hms), center, scale)
         res.model_calls += len(crops)
         return np.concatenate([xy, maxvals[..., None]], axis=-1).astype(np.float64), np.concatenate(stages)
@@ -524,17 +611,26 @@ def predict_frames(runner: Runner, source: FrameSource, *, boxes: str | Path | D
                            "are numbers, else 0-based frame indices; the file has image_ids "
                            f"{sorted(dets)[:5]}...); see okdpose predict --help")
     if not res.frames_done:
-        raise FrameError(f"{source.path}: no frame could be read ({len(source.skipped)} skipped); see the warnings above")
+        if source.skipped:
+            raise FrameError(f"{source.path}: no frame could be read ({len(source.skipped)} skipped); see the "
+                             "warnings above")
+        raise FrameError(f"{source.path}: holds no frame OpenCV can read (an empty or unsupported video); check "
+                         "it plays, or re-export it")
     return res
 
 
 # --------------------------------------------------------------------------- outputs
 
 class OverlayWriter:
-    """Writes each FramePrediction as an overlay PNG (`overlay/<name>.png`) and/or an MP4 frame."""
+    """Writes each FramePrediction as an overlay PNG (`overlay/<name>.png`; `names`: frame index ->
+    name, default the frame's stem) and/or an MP4 frame."""
 
-    def __init__(self, out: Path, meta: DeployMeta, *, png: bool, video: bool, fps: float) -> None:
+    MP4_SIDE = (2, 8191)      # px: what FFmpeg's MPEG-4 part 2 encoder takes
+
+    def __init__(self, out: Path, meta: DeployMeta, *, png: bool, video: bool, fps: float,
+                 names: Optional[dict[int, str]] = None) -> None:
         self.out, self.spec, self.png, self.video, self.fps = out, meta.joint_spec(), png, video, fps
+        self.names = names or {}
         self.writer = None
         self.size: Optional[tuple[int, int]] = None
         if png:
@@ -552,16 +648,22 @@ class OverlayWriter:
             label = f"{fp.frame.name}  stage {int(ex)}" if i == 0 else None
             picture = draw_skeleton(picture, joints, self.spec, box=box, label=label)
         if self.png:
-            write_png(self.out / "overlay" / f"{Path(fp.frame.name).stem}.png", picture)
+            name = self.names.get(fp.frame.index, f"{Path(fp.frame.name).stem}.png")
+            write_png(self.out / "overlay" / name, picture)
         if self.video:
             if self.writer is None:
+                # the messages name the option, not self.out: a temporary folder, gone when they are read
                 h, w = picture.shape[:2]
                 self.size = (w, h)
+                lo, hi = self.MP4_SIDE
+                if not (lo <= w <= hi and lo <= h <= hi):
+                    raise PredictError(f"--video-out: the frames are {w}x{h} px and mp4v takes {lo} to {hi} px a "
+                                       "side; use --overlay for PNGs instead")
                 self.writer = cv2.VideoWriter(str(self.out / "overlay.mp4"), cv2.VideoWriter_fourcc(*"mp4v"),
                                               self.fps, self.size)
                 if not self.writer.isOpened():
-                    raise OSError(f"{self.out / 'overlay.mp4'}: OpenCV cannot write mp4v video here (its FFmpeg "
-                                  "lacks the encoder); use --overlay for PNGs instead")
+                    raise OSError(f"--video-out: OpenCV cannot write mp4v video of {w}x{h} frames at {self.fps:g} "
+                                  "fps here (its FFmpeg may lack the encoder); use --overlay for PNGs instead")
             if picture.shape[1::-1] != self.size:
                 picture = cv2.resize(picture, self.size, interpolation=cv2.INTER_AREA)
             self.writer.write(picture)
@@ -637,21 +739,45 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
+    """--out, checked before any work: it is replaced as a whole at the end, so it must hold nothing
+    but an earlier output, none of this run's inputs, and be replaceable."""
+    from okdpose.files import replace_problem
+
     name = args.input.resolve()
     out = args.out if args.out is not None else Path("predictions") / (name.name if name.is_dir() else name.stem)
+    problem = replace_problem(out)
+    if problem is not None:
+        raise PredictError(f"--out {out} cannot be replaced as a whole ({problem}); choose another folder")
+    where = out.resolve()
+    for option, given in (("the input", args.input), ("--model", args.model), ("--boxes", args.boxes),
+                          ("--params", args.params)):
+        if given is not None and given.exists() and (given.resolve() == where or where in given.resolve().parents):
+            raise PredictError(f"--out {out} holds {option} {given}; it would be replaced (deleted) as a whole: "
+                               "choose an --out outside it, e.g. predictions/<name>")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "summary.json").is_file())):
         raise PredictError(f"--out {out} exists and is not an earlier predict output (no summary.json); it would be "
                            "replaced as a whole, so choose a new folder")
     return out
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Numbers the work would only trip over later (NaN passes every < test; inf overflows)."""
+    lo, hi = FPS_RANGE
+    if args.fps is not None and not lo <= args.fps <= hi:
+        raise PredictError(f"--fps must be a frame rate from {lo:g} to {hi:g}, got {args.fps}")
+    if args.threads is not None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if not 1 <= args.threads <= 4 * cores:       # more only slows; far more fails inside onnxruntime
+            raise PredictError(f"--threads must be from 1 to {4 * cores} (4 per core of the {cores} here), "
+                               f"got {args.threads}")
+
+
 def run(args: argparse.Namespace) -> tuple[PredictResults, Path]:
     """The command's work: load, predict, write -> (results, output folder)."""
     from okdpose.files import atomic_dir
 
+    _check_options(args)
     out = _out_dir(args)
-    if args.fps is not None and not args.fps > 0:
-        raise PredictError(f"--fps must be > 0, got {args.fps}")
     smooth = None
     if args.smooth:
         smooth = OneEuroParams(min_cutoff=args.min_cutoff, beta=args.beta, d_cutoff=args.d_cutoff)
@@ -660,8 +786,6 @@ def run(args: argparse.Namespace) -> tuple[PredictResults, Path]:
         except ValueError as e:
             raise PredictError(str(e).replace("--smooth.", "--").replace("_", "-")) from None
     if args.threads is not None:
-        if args.threads < 1:
-            raise PredictError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -678,8 +802,10 @@ def run(args: argparse.Namespace) -> tuple[PredictResults, Path]:
                            "trained for that layout or drop --joints")
     source = open_source(args.input, depth_range=meta.depth_range, on_error=args.on_error)
     fps = args.fps or source.fps or 30.0
+    check_image_ids(source)             # before the output folder exists
     with atomic_dir(out) as tmp:
-        sink = OverlayWriter(tmp, meta, png=args.overlay, video=args.video_out, fps=fps) \
+        sink = OverlayWriter(tmp, meta, png=args.overlay, video=args.video_out, fps=fps,
+                             names=overlay_names(source) if args.overlay else None) \
             if (args.overlay or args.video_out) else None
         try:
             res = predict_frames(runner, source, boxes=args.boxes, track=args.track, region=args.region,
@@ -691,6 +817,24 @@ def run(args: argparse.Namespace) -> tuple[PredictResults, Path]:
                 sink.close()
         write_outputs(res, tmp)
     return res, out
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the temporary output folder is removed on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler: Any) -> Any:
+    """Install `handler` for SIGTERM -> the previous one (None where signals cannot be set: not the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 USER_ERRORS = (PredictError, FrameError, ModelError, MetaError, OSError)   # OSError: unwritable --out, disk full
@@ -706,11 +850,18 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose predict") ->
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser(prog).parse_args(argv)
+    previous = _on_sigterm(_terminate)
     try:
         res, out = run(args)
     except (*USER_ERRORS, DataError, CheckpointError, ParamsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:      # Ctrl-C or SIGTERM: the temporary folder is gone, --out as it was
+        print(f"{prog}: interrupted{' (SIGTERM)' if isinstance(e, Terminated) else ''}; the output folder was "
+              "left as it was", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        _on_sigterm(previous)
     s = res.summary()
     skipped = res.source.get("skipped", 0)
     extra = f", {s['frames_without_box']} without a box" if s["frames_without_box"] else ""

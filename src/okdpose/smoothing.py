@@ -40,11 +40,14 @@ class OneEuroParams:
     min_score: float = 0.2      # points below this score are not filtered (nor fed to the filter)
 
     def validate(self, where: str = "smoothing") -> None:
+        # finite too: an inf cutoff makes alpha inf / inf = NaN, and NaN keypoints fail only at writing
         for key in ("min_cutoff", "d_cutoff"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"{where}.{key} must be > 0 Hz, got {getattr(self, key)}")
-        if not self.beta >= 0:
-            raise ValueError(f"{where}.beta must be >= 0, got {self.beta}")
+            if not 0 < getattr(self, key) < math.inf:
+                raise ValueError(f"{where}.{key} must be a finite number > 0 Hz, got {getattr(self, key)}")
+        if not 0 <= self.beta < math.inf:
+            raise ValueError(f"{where}.beta must be a finite number >= 0, got {self.beta}")
+        if not 0 <= self.min_score <= 1:
+            raise ValueError(f"{where}.min_score must be in [0, 1], got {self.min_score}")
 
 
 def smoothing_factor(te: np.ndarray | float, cutoff: np.ndarray | float) -> np.ndarray:
