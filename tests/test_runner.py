@@ -105,6 +105,33 @@ def test_checkpoint_joints_must_match_the_params(tiny, tmp_path):
         load_runner(ckpt, stage=1, params=other)
 
 
+def test_params_describing_another_input_than_training_are_warned_about(tmp_path, caplog):
+    # the checkpoint keeps its training params: a params.yaml edited after training (here the
+    # input size) would run the model at another size and move its keypoints without a word
+    model = random_model()
+    ckpt, given = tmp_path / "model.pt", tmp_path / "params.yaml"
+    trained = load_params_text(tmp_path, PARAMS).to_dict()
+    save_checkpoint(ckpt, model, params=trained)
+    given.write_text(PARAMS)
+    with caplog.at_level("WARNING", logger="okdpose.runner"):
+        load_runner(ckpt, stage=2, params=given)
+    assert not caplog.records, "the same params: no warning"
+    given.write_text(PARAMS.replace(f"image_size: {list(IMAGE_SIZE)}", "image_size: [64, 96]")
+                     .replace(f"heatmap_size: {list(HEATMAP_SIZE)}", "heatmap_size: [16, 24]"))
+    with caplog.at_level("WARNING", logger="okdpose.runner"):
+        load_runner(ckpt, stage=2, params=given)
+    text = caplog.text
+    assert "data.image_size [64, 96] (trained with [48, 64])" in text
+    assert "data.heatmap_size [16, 24] (trained with [12, 16])" in text
+    assert "sigma" not in text and str(given) in text
+
+
+def load_params_text(tmp: Path, text: str):
+    f = tmp / "trained.yaml"
+    f.write_text(text)
+    return load_params(f)
+
+
 def test_anytime_runner_exits_at_the_ends_of_tau(tiny):
     ckpt, params, model = tiny
     x = batch(4)

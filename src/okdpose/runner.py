@@ -21,12 +21,15 @@ sample's heatmaps: `meta.stage` except for anytime runners.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from okdpose.deploy_meta import META_KEY, DeployMeta, MetaError
+
+log = logging.getLogger(__name__)
 
 TORCHSCRIPT_META = META_KEY + ".json"
 
@@ -212,6 +215,27 @@ def load_runner(path: str | Path, *, stage: int | None = None, exit_threshold: f
     return runner
 
 
+# the data keys that define what a checkpoint's input and heatmaps mean
+INPUT_KEYS = ("image_size", "heatmap_size", "sigma", "depth_range")
+
+
+def _warn_input_drift(path: Path, params_path: Path, given: Mapping[str, Any], trained: Any) -> None:
+    """Warn when the params file describes another input than the checkpoint was trained on (e.g.
+    params.yaml edited after training): the model then runs at that size, and its keypoints move."""
+    if not isinstance(trained, Mapping):
+        return                 # a checkpoint without its params: nothing to compare
+    diff = [f"data.{k} {list(given[k]) if isinstance(given[k], (list, tuple)) else given[k]} "
+            f"(trained with {trained[k]})" for k in INPUT_KEYS if k in trained and _plain(trained[k]) != _plain(given[k])]
+    if diff:
+        log.warning("%s: %s describes another input than %s was trained on: %s; it runs as given, and its keypoints "
+                    "move (pass --params with the params the model was trained with)", path, params_path, path.name,
+                    "; ".join(diff))
+
+
+def _plain(v: Any) -> Any:
+    return [float(x) for x in v] if isinstance(v, (list, tuple)) else float(v)
+
+
 def _checkpoint_runner(path: Path, stage: int | None, exit_threshold: float | None, device: Any,
                        params_path: Path) -> Runner:
     from okdpose.model.checkpoint import FORMAT, CheckpointError, load_model
@@ -220,7 +244,7 @@ def _checkpoint_runner(path: Path, stage: int | None, exit_threshold: float | No
     from okdpose.params import load_params
 
     try:
-        full, _ = load_model(path)
+        full, ckpt = load_model(path)
     except CheckpointError as e:
         raise ModelError(f"{e}. Give an exported model (.onnx, or a TorchScript .pt from okdpose export) or an "
                          f"okdpose checkpoint ('format': '{FORMAT}', e.g. models/model.pt)") from None
@@ -241,6 +265,7 @@ def _checkpoint_runner(path: Path, stage: int | None, exit_threshold: float | No
     if any(v % (4 * 2 ** (k - 1)) for v in p.data.image_size):
         raise ModelError(f"{params_path}: data.image_size {list(p.data.image_size)} is not a multiple of "
                          f"{4 * 2 ** (k - 1)}, which a {k}-stage HRNet needs")
+    _warn_input_drift(path, params_path, p.to_dict()["data"], (ckpt.get("params") or {}).get("data"))
     meta = DeployMeta.for_model(p, full, stage=k, source={"checkpoint": str(path)})
     if exit_threshold is not None and (not cfg["multi"] or k < 2):
         raise ModelError(f"{path}: anytime early exit needs a multi-output model (model.multi: true) and at least two "
