@@ -1,10 +1,12 @@
 """okdpose.bench at tiny sizes: structure and sanity of every section, the measured limits, the
 targets and the report (no wall-clock assertions: timings on a shared CPU are noise at these sizes)."""
 import dataclasses
+import importlib.util
 import json
 import math
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 
@@ -143,9 +145,13 @@ def test_train_step_learns_in_both_precisions():
 def test_inference_bench_rows_per_stage_format_precision_and_the_original():
     r = bench.inference_bench(width=4, stages=(1, 2), image_size=(32, 32), batch=1, repeats=1, warmup=0, peak=PEAK,
                               native=False, bf16_warmup=0)
-    ours = {f"stage{k}/fp32/{f}" for k in (1, 2) for f in bench.INFER_FORMATS}
+    ours = {f"stage{k}/fp32/{f}" for k in (1, 2) for f in bench.INFER_FORMATS + ("onnxruntime",)}
     emulated = {f"stage2/bf16/{f}" for f in bench.INFER_FORMATS}           # teacher only where emulated
     assert set(r["variants"]) == ours | emulated | {"stage1/original", "stage2/original"}
+    for k in (1, 2):                         # the exported stage computes what the folded model does
+        o = r["variants"][f"stage{k}/fp32/onnxruntime"]
+        assert o["threads"] == torch.get_num_threads() and 0 <= o["max_abs_diff_vs_folded"] < 1e-4
+    assert r["config"]["onnxruntime"] == onnxruntime.__version__
     assert bench.INFER_FORMATS == ("contiguous", "channels_last", "folded")
     s1, s2 = r["variants"]["stage1/fp32/contiguous"], r["variants"]["stage2/fp32/contiguous"]
     assert 0 < s1["params_M"] < s2["params_M"] and 0 < s1["gflop_per_image"] < s2["gflop_per_image"]
@@ -153,7 +159,8 @@ def test_inference_bench_rows_per_stage_format_precision_and_the_original():
     assert all(math.isfinite(v["img_per_s"]) and v["img_per_s"] > 0 for v in r["variants"].values())
     assert r["variants"]["stage2/bf16/folded"]["pct_peak"] == pytest.approx(
         10 * r["variants"]["stage2/bf16/folded"]["gflop_per_s"], abs=2)
-    assert set(r["ratios"]) == ({f"{f}_speedup/stage{k}/fp32" for f in ("channels_last", "folded") for k in (1, 2)}
+    assert set(r["ratios"]) == ({f"{f}_speedup/stage{k}/fp32" for f in ("channels_last", "folded", "onnxruntime")
+                                 for k in (1, 2)}
                                 | {f"{f}_speedup/stage2/bf16" for f in ("channels_last", "folded")}
                                 | {f"bf16_speedup/stage2/{f}" for f in bench.INFER_FORMATS})
     assert r["config"]["bf16_stages"] == [2]
@@ -164,13 +171,31 @@ def test_inference_bench_rows_per_stage_format_precision_and_the_original():
     c = r["conv_share"]
     assert c["variant"] == "stage2/fp32/folded" and 0 < c["conv_s"] < c["call_s"] and 0 < c["conv_share"] < 1
     native = bench.inference_bench(width=4, stages=(1, 2), image_size=(32, 32), batch=1, repeats=1, warmup=0,
-                                   peak=PEAK, native=True, formats=("contiguous",), original=False)
+                                   peak=PEAK, native=True, formats=("contiguous",), original=False, onnx=False)
     assert set(native["variants"]) == {f"stage{k}/{p}/contiguous" for k in (1, 2) for p in ("fp32", "bf16")}
     assert native["vs_original"]["stage1"] == {"note": "original not run"}
+    assert native["config"]["onnxruntime"] == "onnxruntime not run"
     missing = bench.inference_bench(width=4, stages=(1,), image_size=(32, 32), batch=1, repeats=1, warmup=0,
-                                    peak=PEAK, bf16=False, formats=("contiguous",), original=Path("absent.py"))
+                                    peak=PEAK, bf16=False, formats=("contiguous",), original=Path("absent.py"),
+                                    onnx=False)
     assert set(missing["variants"]) == {"stage1/fp32/contiguous"} and not missing["students"]
     assert missing["vs_original"]["stage1"] == {"note": bench.ORIGINAL_MISSING}
+
+
+def test_inference_bench_without_onnxruntime_names_why_and_the_report_says_so(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else object())
+    r = bench.inference_bench(width=4, stages=(1,), image_size=(32, 32), batch=1, repeats=1, warmup=0, peak=PEAK,
+                              bf16=False, formats=("contiguous",), original=False)
+    assert set(r["variants"]) == {"stage1/fp32/contiguous"}
+    assert r["config"]["onnxruntime"] == "onnxruntime not installed (pip install -r requirements.txt)"
+    machine = bench.machine_info(1, bench.matmul_rates(n=64, repeats=1, warmup=0))
+    text = bench.format_report({"machine": machine, "inference": r, "targets": {}}, quick=True)
+    assert "onnxruntime variants skipped: onnxruntime not installed" in text
+    monkeypatch.undo()
+    found = bench.inference_bench(width=4, stages=(1,), image_size=(32, 32), batch=1, repeats=1, warmup=0, peak=PEAK,
+                                  bf16=False, formats=("contiguous",), original=False)
+    text = bench.format_report({"machine": machine, "inference": found, "targets": {}}, quick=True)
+    assert "stage1/fp32/onnxruntime" in text and "what `okdpose predict` runs on a .onnx" in text
 
 
 def test_conv_share_profiles_the_convolutions_of_a_call():

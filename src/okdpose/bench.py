@@ -17,7 +17,9 @@ b. data loading per worker (PoseDataset of data/prepared, train=True, the config
    configured model (params.yaml);
 c. inference per truncated stage count (batch, eval, no_grad) with params and FLOPs: fp32
    contiguous, channels-last, folded (`okdpose.model.fuse.inference_copy`: BN folded into the
-   convs, channels-last; what `predict` runs), the same in bf16 autocast, and the original eager
+   convs, channels-last; what `predict` runs on a checkpoint), the same in bf16 autocast, the
+   stage's ONNX export run by onnxruntime (fp32, the bench's threads; what `predict` runs on an
+   exported `.onnx`, its heatmaps checked against the folded model's), and the original eager
    model with N_STAGE = k; the students' real speed-up over the teacher vs their FLOP ratio;
 d. EigenCAM: the explain stage's cost per image for all its layers (one forward, economy SVD,
    `okdpose.explain.eigencam_with_outputs` on the configured model) vs stock grad-cam run the
@@ -67,7 +69,7 @@ from okdpose.train import make_optimizer
 
 FLOPS_PER_CYCLE = 32     # fp32 per core and cycle with two 256-bit FMA units (AVX2): the nominal line only
 FORMATS = ("contiguous", "channels_last")
-INFER_FORMATS = FORMATS + ("folded",)     # folded: okdpose.model.fuse.inference_copy (BN folded, channels-last), what predict runs
+INFER_FORMATS = FORMATS + ("folded",)     # folded: okdpose.model.fuse.inference_copy (BN folded, channels-last), what predict runs on a checkpoint
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 SETTLE_S = 0.3       # the CAM benches' pause before each timed call (`interleaved`): OpenBLAS threads go idle       # name -> autocast dtype (None: no autocast)
 AUGMENT_ON = {"flip": True, "rotation": 30.0, "scale": 0.25, "half_body_prob": 0.3}   # the original's
@@ -486,11 +488,14 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
                     formats: Sequence[str] = INFER_FORMATS, peak: Union[None, float, Peak] = None,
                     threads: Optional[int] = None, bf16: bool = True, bf16_repeats: int = 1,
                     bf16_warmup: int = 0, original: Union[bool, Path, None] = True,
-                    native: Optional[bool] = None) -> dict[str, Any]:
+                    native: Optional[bool] = None, onnx: bool = True) -> dict[str, Any]:
     """Eval-mode no_grad forward of the model truncated after each stage (one head), variants
     `stage<k>/<precision>/<format>`: plain (contiguous), channels-last and folded
-    (`inference_copy`: BN folded, channels-last; what `predict` runs), in fp32 and bf16 autocast
-    (where bf16 is emulated: the deepest stage only, `bf16_repeats`), and `stage<k>/original`:
+    (`inference_copy`: BN folded, channels-last; what `predict` runs on a checkpoint), in fp32 and
+    bf16 autocast (where bf16 is emulated: the deepest stage only, `bf16_repeats`);
+    `stage<k>/fp32/onnxruntime` (`onnx`): the stage's ONNX export (`okdpose.export`, BN folded)
+    in an onnxruntime CPU session with the same threads, what `predict` runs on a `.onnx`
+    (its heatmaps vs the folded model's: `max_abs_diff_vs_folded`); and `stage<k>/original`:
     the original eager model with N_STAGE = k (fp32, contiguous; it returns its k heads). The
     students' speed-up over the teacher (best variant each) vs their FLOP ratio; the convolution
     ceiling of the deepest stage's last format in fp32."""
@@ -502,7 +507,9 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
     missing = ORIGINAL_MISSING if original else "original not run"
     w, h = int(image_size[0]), int(image_size[1])
     teacher = max(stages)
-    fns, info, stage_of = {}, {}, {}
+    fns, info, stage_of, ort_diff = {}, {}, {}, {}
+    ort_note = _onnx_missing() if onnx else "onnxruntime not run"
+    ort_threads = int(threads or torch.get_num_threads())
     for k in stages:
         with torch.device("meta"):           # FLOPs counted without computing
             probe = MultiOutHRNet(num_joints, width, k, multi=False)
@@ -522,6 +529,11 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
 
                 fns[f"stage{k}/{prec}/{fmt}"] = run
                 stage_of[f"stage{k}/{prec}/{fmt}"] = k
+        if ort_note is None:
+            torch.manual_seed(0)
+            fns[f"stage{k}/fp32/onnxruntime"], ort_diff[k] = _onnx_variant(
+                MultiOutHRNet(num_joints, width, k, multi=False).eval(), x0, ort_threads)
+            stage_of[f"stage{k}/fp32/onnxruntime"] = k
         if ref is not None:
             torch.manual_seed(0)
             om = ref.MultiOutPoseHrnet(num_joints, width, k).eval()
@@ -542,6 +554,8 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
         rows[name] = {**info[k], "precision": prec, "img_per_s": round(batch / t.median, 2), "repeats": len(t.wall),
                       **({"bf16": bf16_label(native)} if prec == "bf16" else {}),
                       **_rate(info[k]["gflop_per_image"] * 1e9 * batch, t, peak[prec])}
+        if name.endswith("/onnxruntime"):
+            rows[name].update(threads=ort_threads, max_abs_diff_vs_folded=ort_diff[k])
     med = {name: t.median for name, t in times.items()}
     ratios = {}
     for name in med:
@@ -559,14 +573,44 @@ def inference_bench(width: int = 32, stages: Sequence[int] = (2, 3, 4), num_join
                 for k in stages if k != teacher}
     for s in students.values():
         s["speedup_over_flop_ratio"] = round(s["speedup"] / s["flop_ratio"], 3)
-    last = f"stage{teacher}/fp32/{formats[-1]}"
+    last = f"stage{teacher}/fp32/{formats[-1]}"          # profiled: torch ops only, not onnxruntime's
     ceiling = conv_share(fns[last], info[teacher]["gflop_per_image"] * 1e9 * batch, peak["fp32"]["gflop_per_s"], threads)
     ceiling["variant"] = last
     return {"config": {"width": width, "image_size": [w, h], "batch": batch, "repeats": repeats,
                        "stages": list(stages), "bf16": bf16_label(native) if bf16 else "off",
-                       "bf16_stages": [] if not bf16 else list(stages) if native else [teacher]},
+                       "bf16_stages": [] if not bf16 else list(stages) if native else [teacher],
+                       "onnxruntime": _onnx_version() if ort_note is None else ort_note},
             "variants": rows, "ratios": ratios, "best": {f"stage{k}": v for k, v in best.items()},
             "vs_original": vs_original, "students": students, "conv_share": ceiling}
+
+
+def _onnx_missing() -> Optional[str]:
+    """None when onnx and onnxruntime import, else why the onnxruntime variants are skipped."""
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    return f"{' and '.join(missing)} not installed (pip install -r requirements.txt)" if missing else None
+
+
+def _onnx_version() -> str:
+    import onnxruntime as ort
+    return str(ort.__version__)
+
+
+def _onnx_variant(net: MultiOutHRNet, x0: torch.Tensor, threads: int) -> tuple[Callable[[], None], float]:
+    """(a timed call, max |heatmap difference| vs the folded eager model) of `net`'s last stage
+    exported the way `okdpose export` does it (`stage_model` folds BN) in an onnxruntime session."""
+    from okdpose.export import onnx_bytes, onnx_runner, stage_model
+    from okdpose.model.fuse import inference_copy
+
+    sm = stage_model(net, net.n_stage)
+    run = onnx_runner(onnx_bytes(sm, None, (x0.shape[3], x0.shape[2])), threads=threads)
+    x = np.ascontiguousarray(x0.numpy(), dtype=np.float32)
+    with torch.no_grad():
+        ref = inference_copy(net)(x0.contiguous(memory_format=torch.channels_last))[0].float().numpy()
+    diff = float(np.abs(run(x) - ref).max())
+
+    def call() -> None:
+        run(x)
+    return call, diff
 
 
 # --------------------------------------------------------------------------- d. EigenCAM
@@ -974,6 +1018,14 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
                                       for n, v in i["variants"].items()]))
         if i["ratios"]:
             lines.append("  ratios: " + ", ".join(f"{k} {v}" for k, v in i["ratios"].items()))
+        ort = {n: v for n, v in i["variants"].items() if n.endswith("/onnxruntime")}
+        if ort:
+            lines.append(f"  onnxruntime {c.get('onnxruntime')}: the stage's ONNX export (BN folded), "
+                         f"{next(iter(ort.values()))['threads']} intra-op threads, what `okdpose predict` runs on a "
+                         ".onnx; max |heatmaps - folded model's| " + ", ".join(
+                             f"{n.split('/')[0]} {v['max_abs_diff_vs_folded']:.2g}" for n, v in ort.items()))
+        elif isinstance(c.get("onnxruntime"), str) and " not " in c["onnxruntime"]:
+            lines.append(f"  onnxruntime variants skipped: {c['onnxruntime']}")
         lines.append("  vs the original eager model: " + ", ".join(
             f"{k} {v['best']} {v['speedup']}x" if "speedup" in v else f"{k} {v['note']}"
             for k, v in i["vs_original"].items()))
