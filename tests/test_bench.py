@@ -196,6 +196,8 @@ def test_inference_bench_without_onnxruntime_names_why_and_the_report_says_so(mo
                                   bf16=False, formats=("contiguous",), original=False)
     text = bench.format_report({"machine": machine, "inference": found, "targets": {}}, quick=True)
     assert "stage1/fp32/onnxruntime" in text and "what `okdpose predict` runs on a .onnx" in text
+    full = bench.format_report({"machine": machine, "inference": found, "targets": {}}, quick=False)
+    assert full.startswith("okdpose bench (full sizes, only inference); ")       # not "(full)" for --only
 
 
 def test_conv_share_profiles_the_convolutions_of_a_call():
@@ -338,3 +340,4 @@ def test_run_all_measures_the_limits_at_both_ends():
     assert set(end) == {"fp32", "bf16"} and all(end[p]["n"] == start[p]["n"] and end[p]["gflop_per_s"] > 0 for p in end)
     assert set(bench.limit_drift(r["machine"])) == {"fp32", "bf16"}
     assert "again at the end of the run" in bench.format_report(r, quick=True)
+    assert bench.format_report(r, quick=False).startswith("okdpose bench (full sizes, only the limits); ")

@@ -962,7 +962,10 @@ def _limits(m: Mapping[str, Any]) -> list[str]:
 
 def format_report(r: Mapping[str, Any], quick: bool) -> str:
     m = r["machine"]
-    lines = [f"okdpose bench ({'quick: smaller sizes and repeats, see each section' if quick else 'full'}); "
+    ran = [k for k in SECTIONS if k in r]
+    size = "quick: smaller sizes and repeats, see each section" if quick else "full sizes"
+    scope = "" if len(ran) == len(SECTIONS) else f", only {' and '.join(ran) or 'the limits'}"
+    lines = [f"okdpose bench ({size}{scope}); "
              f"{machine_line(m)}; torch {m['torch']}, {m['threads']} threads"
              f"{' (auto: 1 on a busy machine)' if m.get('threads_chosen') == 'auto' and m['threads'] == 1 else ''}; "
              f"load avg {m['loadavg_1min']} before, {r.get('load_after')} after, counting this run's threads "
