@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from okdpose.params import Params, ParamsError, load_params, params_from_dict
+from okdpose.params import Params, ParamsError, load_params, params_for_checkpoint, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +113,18 @@ def test_keys_that_yaml_reads_as_values_are_named(tmp_path, text, words):
         load_params(f)
     for w in [str(f)] + words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n  \n", "# all commented out\n# train:\n#   lr: 1\n", "---\n", "null\n"])
+def test_a_params_file_without_params_is_refused_not_read_as_defaults(tmp_path, text):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    for load in (load_params, lambda p: params_for_checkpoint(p, {"width": 8, "n_stage": 4, "multi": True})):
+        with pytest.raises(ParamsError, match="holds no params") as err:
+            load(f)
+        assert str(f) in str(err.value) and "write {}" in str(err.value)
+    f.write_text("{}\n")                                 # every default, said so explicitly
+    assert load_params(f) == Params()
 
 
 def test_unreadable_params_files_are_named(tmp_path):

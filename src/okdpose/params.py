@@ -500,7 +500,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     """Read, type-check and validate params.yaml. `overrides` maps dotted keys to values."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(_read_text(path)) or {}
+        raw = _yaml_document(path)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found (run from the repository root)") from None
     except yaml.YAMLError as e:
@@ -527,7 +527,7 @@ def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found; pass --params or run from the project root")
     try:
-        raw = yaml.safe_load(_read_text(path)) or {}
+        raw = _yaml_document(path)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML ({e})") from None
     keep = {k: raw[k] for k in ("data", "evaluate", "tracking") if isinstance(raw, dict) and k in raw}
@@ -536,6 +536,16 @@ def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params
         return params_from_dict({**keep, "model": model, "loss": {"use_kld": False, "kld_couples": []}})
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
+
+
+def _yaml_document(path: Path) -> Any:
+    """The YAML document in the file; none (empty, blanks or comments only: a truncated or clobbered
+    file, e.g. after `> params.yaml`) is refused instead of read as every default."""
+    raw = yaml.safe_load(_read_text(path))
+    if raw is None:
+        raise ParamsError(f"{path}: holds no params (empty, blank lines and comments only, or null): restore it "
+                          "(git checkout -- params.yaml) or write {} to mean every default")
+    return raw
 
 
 def _read_text(path: Path) -> str:
