@@ -3,6 +3,7 @@ frame rate, and unreadable frames / truncated videos skipped or stopped at with 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -136,6 +137,42 @@ def test_corrupt_png_is_skipped_or_stops(folder, on_error, caplog):
     assert [(s.index, s.name) for s in src.skipped] == [(4, bad.name)]
     assert bad.name in caplog.text
     assert src.summary()["skipped"] == 1
+
+
+@pytest.mark.parametrize("kind", ["broken link", "folder", "fifo"])
+@pytest.mark.parametrize("on_error", ["skip", "stop"])
+def test_frame_entries_that_are_not_files_are_unreadable_frames_not_dropped_or_waited_on(folder, kind, on_error):
+    names = sorted((f.name for f in folder.glob("*.png")), key=natural_key)
+    odd = folder / names[2]
+    odd.unlink()
+    if kind == "broken link":
+        odd.symlink_to(folder / "gone.png")
+    elif kind == "folder":
+        odd.mkdir()
+    else:
+        os.mkfifo(odd)                          # reading it would block until a writer came
+    src = open_source(folder, depth_range=DEPTH_RANGE, on_error=on_error)
+    assert src.count == 9                       # still part of the sequence
+    why = {"broken link": "a broken symbolic link", "folder": "a folder", "fifo": "not a regular file"}[kind]
+    if on_error == "stop":
+        with pytest.raises(FrameError, match=rf"frame 2 .*{odd.name}: {why}.*--on-error skip"):
+            list(src)
+        return
+    frames = list(src)
+    assert [f.name for f in frames] == names[:2] + names[3:]
+    assert [(x.index, x.name) for x in src.skipped] == [(2, odd.name)] and why in src.skipped[0].reason
+
+
+@pytest.mark.parametrize("kind", ["broken link", "fifo", "fifo.png"])
+def test_an_input_that_is_not_a_file_is_refused_before_reading(tmp_path, kind):
+    path = tmp_path / ("in.png" if kind == "fifo.png" else "in.mp4")
+    if kind == "broken link":
+        path.symlink_to(tmp_path / "gone.mp4")
+    else:
+        os.mkfifo(path)
+    why = "a broken symbolic link" if kind == "broken link" else "not a regular file"
+    with pytest.raises(FrameError, match=rf"in\.(mp4|png): {why}"):
+        open_source(path)
 
 
 @pytest.mark.parametrize("on_error", ["skip", "stop"])

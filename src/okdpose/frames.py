@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,10 @@ class FrameSource:
 
     def _files(self) -> Iterator[Frame]:
         for i, f in enumerate(self.files):
+            odd = not_a_file(f)
+            if odd:                          # reading a fifo would block; a broken link has no frame
+                self._fail(i, f.name, f"frame {i} ({f}: {odd}; replace it with the frame's image file or remove it)")
+                continue
             try:
                 image = read_frame(f, self.depth_range)
             except DataError as e:
@@ -134,6 +139,17 @@ class FrameSource:
                 "skipped": len(self.skipped), "skipped_frames": [s.to_dict() for s in self.skipped]}
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a frame or video file (None: a regular file, or a link to one)."""
+    if path.is_symlink() and not path.exists():
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "a folder"
+    if path.exists() and not path.is_file():
+        return "not a regular file (a fifo, socket or device: reading it would wait for a writer)"
+    return None
+
+
 def _open_video(path: Path) -> cv2.VideoCapture:
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
@@ -152,14 +168,22 @@ def open_source(path: str | Path, *, depth_range: Sequence[float] = (400.0, 1200
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     rng = (float(depth_range[0]), float(depth_range[1]))
+    if path.is_symlink() and not path.exists():
+        raise FrameError(f"{path}: {not_a_file(path)}; give an image, a folder of frames or a video file")
     if not path.exists():
         raise FrameError(f"{path}: not found; give an image, a folder of frames or a video file")
     if path.is_dir():
-        files = sorted((f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES),
+        # every entry named like a frame is one: a broken link, a folder or a fifo among them is an
+        # unreadable frame (stop, or skip and count it), not silently left out of the sequence
+        files = sorted((f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES),
                        key=lambda f: natural_key(f.name))
         if not files:
             raise FrameError(f"{path}: no frames ({', '.join(sorted(IMAGE_SUFFIXES))} files) in this folder")
         return FrameSource(path, "folder", on_error, rng, tuple(files), count=len(files))
+    odd = not_a_file(path)
+    if odd:
+        raise FrameError(f"{path}: {odd}; predict reads image files, folders of them and video files (to stream, "
+                         "write the recording to a file first)")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return FrameSource(path, "image", on_error, rng, (path,), count=1)
     cap = _open_video(path)
