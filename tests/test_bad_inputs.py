@@ -334,7 +334,18 @@ CHECKPOINT_CASES = {  # id: (write(path), words besides the path)
     "width_state_dict": (lambda p: torch.save(MultiOutHRNet(J, 8, 4).state_dict(), p),
                          ["do not fit a width-4 HRNet", "set model.width: 8"]),
     "width_okdpose": (lambda p: save_checkpoint(p, MultiOutHRNet(J, 8, 4)), ["width 8", "set model.width: 8"]),
+    "nan_weights": (lambda p: torch.save(_broken(MultiOutHRNet(J, WIDTH, 4), float("nan")).state_dict(), p),
+                    ["'final_layer.weight' holds", "non-finite values", "earlier checkpoint"]),
+    "inf_okdpose": (lambda p: save_checkpoint(p, _broken(MultiOutHRNet(J, WIDTH, 4), float("inf"))),
+                    ["'final_layer.weight' holds", "non-finite values"]),
+    "folder": (lambda p: p.mkdir(), ["is a folder, not a checkpoint file"]),
 }
+
+
+def _broken(model: MultiOutHRNet, value: float) -> MultiOutHRNet:
+    with torch.no_grad():
+        model.final_layer.weight[0, 0] = value
+    return model
 
 
 @pytest.mark.parametrize("case", list(CHECKPOINT_CASES))
@@ -354,7 +365,7 @@ def test_bad_checkpoint(case, tmp_path):
     assert not (tmp_path / MARKER).exists()                                          # no pickled code ran
     if case.startswith(("width", "not_hrnet", "empty", "non_tensor", "tensor")):
         return
-    with pytest.raises(CheckpointError, match="not a"):     # the stages' loader (models/*.pt) refuses it too
+    with pytest.raises(CheckpointError, match="not a|non-finite|is a folder"):   # the stages' loader (models/*.pt) too
         load_model(path)
     assert not (tmp_path / MARKER).exists()
 

@@ -61,3 +61,39 @@ def test_replace_problem(tmp_path, monkeypatch):
         assert "immutable" in replace_problem(out)
     finally:
         subprocess.run(["chattr", "-i", str(out)], check=True)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid                            # reaped: no process has this id now (until reused)
+
+
+def test_a_killed_writers_temporaries_are_swept_a_live_ones_kept(tmp_path):
+    out = tmp_path / "prepared"
+    dead, live = _dead_pid(), os.getppid()              # the parent (pytest's launcher) outlives this test
+    stale_dir = tmp_path / f".prepared.{dead}.ab12_cd.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "half.npy").write_bytes(b"x" * 100)     # what SIGTERM's default action leaves behind
+    stale_file = tmp_path / f".report.json.{dead}.k9x.tmp"
+    stale_file.write_text("{")
+    other = tmp_path / f".prepared.{live}.zz9.tmp"        # a concurrent run's live temporary
+    other.mkdir()
+    unrelated = [tmp_path / ".prepared.5.x.y.tmp", tmp_path / ".prepared.old.tmp", tmp_path / f".prepared2.{dead}.a.tmp"]
+    for u in unrelated:
+        u.write_text("keep")
+    with atomic_dir(out) as tmp:
+        assert tmp.name.startswith(f".prepared.{os.getpid()}.")
+        (tmp / "meta.json").write_text("{}")
+    assert (out / "meta.json").exists() and not stale_dir.exists() and other.is_dir()
+    assert all(u.read_text() == "keep" for u in unrelated)
+    assert stale_file.exists()                            # another target's: swept when that one is written
+    files.write_json(tmp_path / "report.json", {"ok": 1})
+    assert not stale_file.exists() and (tmp_path / "report.json").read_text() == '{\n  "ok": 1\n}\n'
+
+
+def test_a_non_finite_json_value_is_named_and_nothing_written(tmp_path):
+    path = tmp_path / "eval.json"
+    with pytest.raises(ValueError, match=r"eval.json: not written, a value is not finite .* at stage3\.ap"):
+        files.write_json(path, {"stage2": {"ap": 0.5}, "stage3": {"ap": float("nan")}})
+    assert os.listdir(tmp_path) == []

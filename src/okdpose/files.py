@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +22,50 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _tmp_prefix(path: Path) -> str:
+    """The temporary names beside `path`: `.{name}.{pid}.*.tmp`, so that a later run can tell the
+    leftovers of a killed process (SIGKILL, or SIGTERM's default action, skip every `finally`)
+    from the live temporary of a concurrent one."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _sweep_leftovers(path: Path) -> None:
+    """Remove temporaries beside `path` whose process has ended: otherwise a killed stage's
+    half-written folder would sit inside a DVC output (cached, pushed) for good."""
+    ours = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.[A-Za-z0-9_]+\.tmp")   # tempfile's random part
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for e in entries:
+        m = ours.fullmatch(e.name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e, ignore_errors=True)
+        else:
+            e.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                          # exists, another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _sweep_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(0o666 & ~_UMASK)   # mkstemp makes 0600; outputs are ordinary files
@@ -38,8 +77,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    try:                                     # before the temporary exists: nothing to clean up
+        text = json.dumps(obj, indent=indent, allow_nan=False) + "\n"
+    except ValueError as e:                  # NaN / inf somewhere in obj: say which file and where
+        raise ValueError(f"{path}: not written, a value is not finite (NaN / inf) at {_non_finite_at(obj)} "
+                         f"({e})") from None
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+        tmp.write_text(text)
+
+
+def _non_finite_at(obj: Any, where: str = "") -> str:
+    """The first key path in `obj` holding a non-finite float ('?' when none is found)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "the top level"
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _non_finite_at(v, f"{where}.{k}" if where else str(k))
+        if found != "?":
+            return found
+    return "?"
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -79,7 +135,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     if path.name in ("", ".", ".."):        # `.` has no name to build the temporary names from
         path = Path(os.path.abspath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _sweep_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)                  # mkdtemp makes it 0700; the result is an ordinary folder
     try:
         yield tmp

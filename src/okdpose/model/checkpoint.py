@@ -93,17 +93,21 @@ def abbrev_keys(keys: list[str], n: int = 4) -> str:
 def read_checkpoint(path: str | Path) -> Any:
     """`torch.load(path, weights_only=True)` on CPU, with errors that name the file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file; give the .pth / .pt file inside it")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: checkpoint not found; put the file there (e.g. under pretrained/) or fix the path "
-            "(params.yaml model.pretrained; null starts from scratch)"
+            "(params.yaml model.pretrained or model.checkpoint, or the command's --checkpoint / --model; "
+            "model.pretrained: null starts from scratch)"
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # garbage bytes, truncated zip, pickled non-tensor objects, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
-            f"{path}: not a checkpoint torch can load safely ({type(e).__name__}: {first}); expected {EXPECTED_FILES}"
+            f"{path}: not a checkpoint torch can load safely ({type(e).__name__}: {first}): damaged, truncated or "
+            f"another kind of file ({path.stat().st_size} bytes); copy it again, expected {EXPECTED_FILES}"
         ) from None
 
 
@@ -131,6 +135,12 @@ def unpack_checkpoint(obj: Any, source: str) -> tuple[dict[str, Tensor], str, Ma
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(f"{source}: entry {key!r} holds a {type(value).__name__}, not a tensor; "
                                   f"expected {EXPECTED_FILES}")
+    for key, value in sd.items():            # NaN weights would only show up later as NaN heatmaps or a crash
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{source}: tensor {key!r} holds {bad} non-finite values (NaN / inf) of "
+                                  f"{value.numel()}: the weights are broken (a diverged run or a damaged file); "
+                                  "use an earlier checkpoint or train again")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd), kind, config
@@ -249,9 +259,9 @@ def load_model(path: str | Path, expect: Mapping[str, Any] | None = None,
     `expect`: the configuration the caller's params ask for ({num_joints, width, n_stage, multi});
     a file holding another model raises CheckpointError naming both and `fix`."""
     source = str(path)
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise CheckpointError(f"{source}: not found; {fix}")
-    obj = read_checkpoint(path)
+    obj = read_checkpoint(path)                 # a folder is named as one there
     if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{source}: not an okdpose checkpoint (no 'format': '{FORMAT}'); for official or "
                               "other files build MultiOutHRNet(...) and call load_pretrained(model, path)")
