@@ -186,7 +186,16 @@ DATA_CASES = {
     "detection_for_unknown_image": ("test", _unknown_det, ["image 999", "detection for an unknown image"], "skip"),
     "empty_split": ("val", _empty_split, ["split 'val' has no valid annotated record", "add annotated frames"], "fail"),
     "annotation_not_json": ("train", _not_json, ["not valid JSON", "re-export or re-download"], "fail"),
+    "joint_names_reordered": ("test", lambda r, s: _edit(r, s, lambda c: _names(c, lambda n: n[::-1])),
+                              ["keypoints lists the joints of babypose12 in another order", "position 0 is",
+                               "write the file in the spec's order"], "fail"),
+    "joint_names_not_a_list": ("val", lambda r, s: _edit(r, s, lambda c: _names(c, lambda n: 12)),
+                               ["keypoints must be a list of joint names, got 12"], "fail"),
 }
+
+
+def _names(coco: dict, change) -> None:
+    coco["categories"][0]["keypoints"] = change(coco["categories"][0]["keypoints"])
 
 
 def _prepare(raw: Path, out: Path, **kw) -> dict:
@@ -217,6 +226,7 @@ def test_bad_raw_data(case, tiny_raw, tmp_path):
     report = _prepare(raw, out, skip_invalid=True)                 # skipped and counted instead
     s = report["splits"][split]
     assert s["skipped"]["invalid_records"] == 1
+    assert len(s["invalid"]) == 1 and str(bad_file) in s["invalid"][0]          # which record, not only how many
     gt, det = load_records(out, split, "gt"), load_records(out, split, "det")
     if bad_id is not None:                                         # the whole frame goes, everywhere
         assert s["skipped"]["invalid_images"] == 1 and s["records_gt"] == 2
@@ -225,6 +235,18 @@ def test_bad_raw_data(case, tiny_raw, tmp_path):
     else:                                                          # a bad detection goes alone
         assert s["skipped"]["invalid_images"] == 0 and s["records_gt"] == 3 and 999 not in det.image_id
     assert report["total"]["skipped_invalid"] == 1
+
+
+def test_other_joint_names_are_warned_about_and_recorded_the_order_kept(tiny_raw, tmp_path, caplog):
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    _edit(raw, "train", lambda c: _names(c, lambda n: [f"kp{i}" for i in range(len(n))]))
+    with caplog.at_level("WARNING", logger="okdpose.data.coco"):
+        report = _prepare(raw, tmp_path / "prepared")
+    assert "12 of the 12 keypoint names differ from joint spec babypose12" in caplog.text
+    differ = report["splits"]["train"]["keypoint_names_differ"]
+    assert differ[0] == {"index": 0, "file": "kp0", "spec": BABYPOSE12.names[0]} and len(differ) == 12
+    assert "keypoint_names_differ" not in report["splits"]["val"] and "invalid" not in report["splits"]["val"]
 
 
 def test_skip_invalid_counts_each_kind(tiny_raw, tmp_path):

@@ -38,6 +38,7 @@ C = 1 when every frame of a split is single-channel (the dataset replicates it t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -53,6 +54,8 @@ from okdpose.data.layout import SPLITS, annotation_file, detection_file, image_f
 from okdpose.geometry import BOX_PADDING, PIXEL_STD, box_to_center_scale, crop_image, frame_to_crop
 from okdpose.files import atomic_dir, write_json
 from okdpose.joints import JointSpec
+
+log = logging.getLogger(__name__)
 
 PREPARED_VERSION = 1
 BOX_TOLERANCE = 1.0     # px a ground-truth box may exceed the frame by (rounding in annotation tools)
@@ -182,6 +185,7 @@ class SplitScan:
     issues: list[Issue] = field(default_factory=list)
     bad_images: set[int] = field(default_factory=set)
     skipped: Counter = field(default_factory=Counter)
+    name_mismatch: list[tuple[int, str, str]] = field(default_factory=list)    # (index, file's, spec's)
 
 
 def _finite(values: Iterable[Any]) -> bool:
@@ -214,9 +218,13 @@ def scan_split(root: Path, split: str, spec: JointSpec) -> SplitScan:
         raise DataError(f"{rel_ann}: no category with id {spec.category_id} ({spec.category_name!r}) for joint spec "
                         f"{spec.name}; check data.joints")
     names = cats[0].get("keypoints", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{rel_ann}: categories[id={spec.category_id}].keypoints must be a list of joint names, got "
+                        f"{str(names)[:80]}; write the {J} names of joint spec {spec.name} in order")
     if len(names) != J:
         raise DataError(f"{rel_ann}: category {spec.category_id} has {len(names)} keypoint names, joint spec "
                         f"{spec.name} has {J}; set data.joints to the data's spec")
+    _check_joint_names(names, spec, rel_ann, scan)
     scan.category = {**spec.coco_category(), **{k: v for k, v in cats[0].items() if k in ("name", "supercategory")}}
 
     def bad(image_id, fld, problem, file=rel_ann):
@@ -361,6 +369,9 @@ def prepare_dataset(raw_root: str | Path, out_dir: str | Path, spec: JointSpec, 
             info = _prepare_split(raw_root, tmp, split, scan, spec, image_size, aspect, depth_range, progress)
             if not skip_invalid:
                 _raise_issues(scan, split)
+            elif scan.issues:
+                log.warning("split %r: skipped %d invalid record(s) (data.skip_invalid; the first 50 are listed "
+                            "under 'invalid' in the data report), first: %s", split, len(scan.issues), scan.issues[0])
             if info["records_gt"] == 0:
                 raise DataError(f"{annotation_file(raw_root, split)}: split {split!r} has no valid annotated record "
                                 f"({len(scan.issues)} invalid, skipped: {dict(scan.skipped)}); it cannot be used: "
@@ -500,6 +511,23 @@ def _clean_ann(a: dict) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+def _check_joint_names(names: list[str], spec: JointSpec, where: str, scan: "SplitScan") -> None:
+    """The spec's joints in another order would label every heatmap wrongly: refused. Other names
+    (another naming of the same joints) are only warned about and recorded: the order is the contract."""
+    if names == list(spec.names):
+        return
+    if sorted(names) == sorted(spec.names):
+        j = next(i for i, (a, b) in enumerate(zip(names, spec.names)) if a != b)
+        raise DataError(f"{where}: categories[id={spec.category_id}].keypoints lists the joints of {spec.name} in "
+                        f"another order (position {j} is {names[j]!r}, the spec has {spec.names[j]!r}): the "
+                        f"keypoint triples would be read as the wrong joints; write the file in the spec's order "
+                        f"{list(spec.names)}")
+    scan.name_mismatch = [(j, a, b) for j, (a, b) in enumerate(zip(names, spec.names)) if a != b]
+    log.warning("%s: %d of the %d keypoint names differ from joint spec %s (first: position %d %r, spec %r); "
+                "the keypoints are read in the spec's order", where, len(scan.name_mismatch), len(names),
+                spec.name, *scan.name_mismatch[0])
+
+
 def _split_report(gt: Records, det: Records, scan: SplitScan) -> dict:
     v = gt.joints[..., 2]
     n_joints = max(v.size, 1)
@@ -519,6 +547,10 @@ def _split_report(gt: Records, det: Records, scan: SplitScan) -> dict:
                     **{k: int(c) for k, c in sorted(scan.skipped.items())},
                     **{f"invalid_{k}": int(c) for k, c in sorted(by_field.items())}},
     }
+    if scan.issues:                          # which records were skipped, not only how many (data.skip_invalid)
+        rep["invalid"] = [str(i) for i in scan.issues[:50]]
+    if scan.name_mismatch:
+        rep["keypoint_names_differ"] = [{"index": j, "file": a, "spec": b} for j, a, b in scan.name_mismatch]
     return rep
 
 
