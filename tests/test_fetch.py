@@ -6,6 +6,7 @@ import http.server
 import json
 import os
 import shutil
+import socket
 import tarfile
 import threading
 import zipfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from okdpose.data.fetch import download, fetch_raw
+from okdpose.data.fetch import FetchError, download, fetch_raw
 from okdpose.data.layout import LayoutError, validate_layout
 
 
@@ -77,6 +78,31 @@ def test_archive_with_a_top_folder(tiny_raw, tmp_path, fmt):
     assert _leftovers(dest.parent) == ["babypose"]
 
 
+@pytest.mark.parametrize("where", ["is", "lies inside", "contains"])
+def test_local_path_overlapping_the_target_is_refused(tiny_raw, tmp_path, where):
+    """data.path = data/raw/<name> (or a folder inside it, or its parent): the target is replaced by
+    the layout files only, so the user's other files in it would be deleted; refused, nothing written."""
+    dest = tmp_path / "raw" / "babypose"
+    shutil.copytree(tiny_raw, dest / "orig" if where == "lies inside" else dest)
+    (dest / "NOTES.txt").write_text("the user's own notes")
+    path = {"is": dest, "lies inside": dest / "orig", "contains": dest.parent}[where]
+    before = _tree(tmp_path)
+    with pytest.raises(FetchError) as err:
+        fetch_raw(dest, "local", path=str(path), progress=False)
+    for w in [f"data.path {path} {where} the target folder {dest}", "nothing was changed", "outside", "point data.path"]:
+        assert w in str(err.value), (w, str(err.value))
+    assert _tree(tmp_path) == before and _leftovers(dest.parent) == ["babypose"]
+
+
+def test_archive_inside_the_target_is_refused(tiny_raw, tmp_path):
+    dest = tmp_path / "raw" / "babypose"
+    shutil.copytree(tiny_raw, dest)
+    archive = _zip_layout(tiny_raw, dest / "babypose.zip")       # replacing dest would delete it
+    with pytest.raises(FetchError, match="lies inside the target folder"):
+        fetch_raw(dest, "archive", path=str(archive), progress=False)
+    assert archive.is_file() and _leftovers(dest.parent) == ["babypose"]
+
+
 # Wrong sha256, zip slip (zip and tar, absolute and ..), symlink / hard link / special members and
 # damaged archives: the ARCHIVE_CASES table in tests/test_bad_inputs.py.
 
@@ -84,11 +110,14 @@ def test_archive_with_a_top_folder(tiny_raw, tmp_path, fmt):
 # --------------------------------------------------------------------------- http
 
 class _Server:
-    """Serves `files` on 127.0.0.1 with Range support; `drop` = [bytes] cuts the next responses short."""
+    """Serves `files` on 127.0.0.1 with Range support; `drop` = [bytes] cuts the next responses short;
+    `bad_range` = "range" answers Range requests from byte 5 whatever they ask (a broken server or
+    proxy), "always" answers every request so (206, even without Range)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.drop: list[int] = []
+        self.bad_range: str | None = None
         self.requests: list[tuple[str, str | None]] = []
         outer = self
 
@@ -101,14 +130,16 @@ class _Server:
                     self.send_error(404)
                     return
                 start = 0
-                if rng:
-                    start = int(rng.removeprefix("bytes=").split("-")[0])
+                if rng or outer.bad_range == "always":
+                    start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
                     if start >= len(body):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(body)}")
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
+                    if outer.bad_range:
+                        start = 5
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 else:
@@ -136,6 +167,24 @@ class _Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(5)
+
+
+def _within(seconds: float, fn, *args, **kwargs) -> BaseException | None:
+    """Run fn in a thread and return what it raised (None: nothing); fail, rather than hang, when it
+    is still running after `seconds` (pytest-timeout is not installed here)."""
+    out: list[BaseException] = []
+
+    def run():
+        try:
+            fn(*args, **kwargs)
+        except BaseException as e:        # handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still running after {seconds} s: a retry loop that never ends"
+    return out[0] if out else None
 
 
 @pytest.fixture
@@ -177,6 +226,109 @@ def test_url_complete_part_is_verified_not_refetched(tiny_zip, tmp_path, server)
     download(server.url("/babypose.zip"), tmp_path / "babypose.zip", _sha(tiny_zip), progress=False)
     assert server.requests[0][1] == f"bytes={tiny_zip.stat().st_size}-"     # answered 416, then verified
     assert (tmp_path / "babypose.zip").read_bytes() == tiny_zip.read_bytes()
+
+
+@pytest.mark.parametrize("have_part", [False, True])
+def test_url_server_answering_the_wrong_range_stops(tiny_zip, tmp_path, server, have_part):
+    """Always 206 from byte 5 (asked for or not): once restarted without Range, then a clear error; it
+    used to delete the .part and ask again for ever. A .part from an earlier run is kept."""
+    data = tiny_zip.read_bytes()
+    server.files["/babypose.zip"], server.bad_range = data, "always"
+    part = tmp_path / "babypose.zip.part"
+    if have_part:
+        part.write_bytes(data[:1000])
+    url = server.url("/babypose.zip")
+    err = _within(20, download, url, tmp_path / "babypose.zip", _sha(tiny_zip), retries=1, backoff=0, progress=False)
+    assert isinstance(err, FetchError), repr(err)
+    for w in [f"data.url {url}", "wrong byte range", "does not serve byte ranges correctly", "data.source: archive"]:
+        assert w in str(err), (w, str(err))
+    assert server.requests == [("/babypose.zip", "bytes=1000-"), ("/babypose.zip", None)][not have_part:]
+    assert ("1000 bytes kept in" in str(err)) == have_part
+    assert _leftovers(tmp_path) == (["babypose.zip.part"] if have_part else [])
+    assert not have_part or part.read_bytes() == data[:1000]
+
+
+def test_url_wrong_range_restarts_once_without_range(tiny_zip, tmp_path, server):
+    """A server that mis-answers Range requests but serves a plain GET: the download starts over."""
+    data = tiny_zip.read_bytes()
+    server.files["/babypose.zip"], server.bad_range = data, "range"
+    (tmp_path / "babypose.zip.part").write_bytes(data[:1000])
+    download(server.url("/babypose.zip"), tmp_path / "babypose.zip", _sha(tiny_zip), backoff=0, progress=False)
+    assert server.requests == [("/babypose.zip", "bytes=1000-"), ("/babypose.zip", None)]
+    assert (tmp_path / "babypose.zip").read_bytes() == data and _leftovers(tmp_path) == ["babypose.zip"]
+
+
+@pytest.fixture
+def not_http():
+    """A server on 127.0.0.1 that answers anything with an SSH banner."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9\r\n\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join(5)
+    srv.close()
+
+
+def test_url_not_an_http_server(tmp_path, not_http):
+    url = f"http://127.0.0.1:{not_http}/babypose.zip"
+    with pytest.raises(FetchError) as err:
+        download(url, tmp_path / "babypose.zip", "0" * 64, retries=1, backoff=0, progress=False)
+    for w in [f"data.url {url}", f"127.0.0.1:{not_http}", "BadStatusLine: 'SSH-2.0-OpenSSH_9'", "not an HTTP(S) server", "check data.url"]:
+        assert w in str(err.value), (w, str(err.value))
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("url", ["http://[::1/babypose.zip", "http://127.0.0.1:99999/babypose.zip",
+                                 "http://127.0.0.1:port/babypose.zip", "http:///babypose.zip"])
+def test_url_malformed_is_named(tmp_path, url):
+    with pytest.raises(FetchError) as err:
+        fetch_raw(tmp_path / "raw" / "babypose", "url", url=url, sha256="0" * 64, download_dir=tmp_path / "dl",
+                  progress=False, retries=0)
+    for w in [f"data.url {url!r} is malformed", "http(s)://host[:port]/"]:
+        assert w in str(err.value), (w, str(err.value))
+    assert _leftovers(tmp_path) == []                 # nothing written: no raw/, no dl/
+
+
+@pytest.mark.parametrize("have_part", [False, True])
+def test_url_connection_refused_is_named(tmp_path, have_part):
+    with socket.create_server(("127.0.0.1", 0)) as s:     # a port that nobody listens on once closed
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/babypose.zip"
+    if have_part:
+        (tmp_path / "babypose.zip.part").write_bytes(b"x" * 10)
+    with pytest.raises(FetchError) as err:
+        download(url, tmp_path / "babypose.zip", "0" * 64, retries=1, backoff=0, progress=False)
+    msg = str(err.value)
+    for w in [f"data.url {url}", f"the server at 127.0.0.1:{port} refused the connection", "check data.url"]:
+        assert w in msg, (w, msg)
+    assert ("10 bytes kept" in msg and "resume" in msg) if have_part else ("resume" not in msg and "bytes kept" not in msg)
+
+
+def test_url_unknown_host_is_named(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):                         # the resolver's answer, without asking one
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    url = "http://data.example.invalid/babypose.zip"
+    with pytest.raises(FetchError) as err:
+        download(url, tmp_path / "babypose.zip", "0" * 64, retries=1, backoff=0, progress=False)
+    msg = str(err.value)
+    assert f"data.url {url}: the host name data.example.invalid could not be resolved" in msg and "check data.url" in msg
+    assert "resume" not in msg and _leftovers(tmp_path) == []
 
 
 def test_url_archive_not_in_the_layout(tiny_raw, tmp_path, server):

@@ -11,6 +11,8 @@ Sources (params `data.source`):
 - url: an http(s) archive with a required sha256: streamed to `<download_dir>/<name>.part`
   with a progress bar, resumed with HTTP Range requests after a dropped connection (also in a
   later run), verified, then kept beside as the finished file so a re-run does not download again.
+  A server that answers a Range request with another range is asked once more without Range;
+  then (or a plain GET answered with a range) the download stops with an error, keeping the .part.
 
 Archives are extracted member by member: absolute paths, `..`, symlinks, hard links and
 device files are refused (zip-slip and friends). The result is validated against the layout
@@ -24,6 +26,7 @@ import lzma
 import os
 import shutil
 import socket
+import ssl
 import stat
 import tarfile
 import time
@@ -64,6 +67,10 @@ def fetch_raw(dest: str | Path, source: str, *, path: str | None = None, url: st
     `synthetic`: the generator's settings (params `data.synthetic`; None: the defaults)."""
     spec = get_joint_spec(spec) if isinstance(spec, str) else spec
     dest = Path(dest)
+    if source in ("local", "archive") and path:
+        _refuse_overlap(Path(path), dest, source)      # before atomic_dir writes anything
+    if source == "url" and url:
+        _check_url(url)
     with atomic_dir(dest) as tmp:
         report: dict = {"source": source}
         if source == "synthetic":
@@ -99,6 +106,24 @@ def fetch_raw(dest: str | Path, source: str, *, path: str | None = None, url: st
                             for s in SPLITS}
     report["root"] = str(dest)
     return report
+
+
+def _refuse_overlap(path: Path, dest: Path, source: str) -> None:
+    """Refuse a data.path that is, holds or lies inside `dest`: `dest` is replaced by a fresh copy of
+    the layout files, so anything else in it (the user's originals, notes, the archive) would be lost."""
+    src = path.resolve()
+    target = dest.parent.resolve() / dest.name     # the folder that is replaced (a symlink itself, not its target)
+    if src == target:
+        where = "is"
+    elif target in src.parents:
+        where = "lies inside"
+    elif source == "local" and src in target.parents:
+        where = "contains"
+    else:
+        return
+    raise FetchError(f"data.path {path} {where} the target folder {dest}, which download replaces with a copy of the "
+                     f"layout files only (everything else in it would be deleted); nothing was changed. Move the "
+                     f"original data outside {dest.parent} and point data.path at it")
 
 
 def _download_name(url: str, sha256: str) -> str:
@@ -222,7 +247,38 @@ def _extract_tar(archive: Path, dest: Path) -> int:
 # --------------------------------------------------------------------------- download
 
 _TRANSIENT = (http.client.IncompleteRead, http.client.RemoteDisconnected, ConnectionError,
-              TimeoutError, socket.timeout, urllib.error.URLError)
+              TimeoutError, socket.timeout, urllib.error.URLError, ssl.SSLError)   # SSLError: a TLS drop mid-body
+
+
+class _RangeMismatch(Exception):
+    """A 206 answer whose Content-Range does not start where the request asked."""
+
+    def __init__(self, asked: int, content_range: str):
+        super().__init__(asked, content_range)
+        self.asked, self.content_range = asked, content_range
+
+
+def _check_url(url: str) -> tuple[str, int]:
+    """(host, port) of an http(s) `url`; FetchError naming data.url when it cannot be parsed."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname, parts.port      # .port raises on a non-numeric or out-of-range port
+    except ValueError as e:
+        raise FetchError(f"data.url {url!r} is malformed ({e}); write it as http(s)://host[:port]/path/archive.zip") from None
+    if parts.scheme not in ("http", "https") or not host:
+        raise FetchError(f"data.url {url!r} is malformed (no http(s) scheme or no host); "
+                         "write it as http(s)://host[:port]/path/archive.zip")
+    return host, port or (443 if parts.scheme == "https" else 80)
+
+
+def _no_server(e: BaseException, host: str, port: int) -> str | None:
+    """What went wrong when no server answered at all (a resume hint would mislead), else None."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, ConnectionRefusedError):
+        return f"the server at {host}:{port} refused the connection"
+    if isinstance(reason, socket.gaierror):
+        return f"the host name {host} could not be resolved ({reason.strerror})"
+    return None
 
 
 def download(url: str, dest_file: str | Path, sha256: str, *, retries: int = 5, timeout: float = 30.0,
@@ -232,6 +288,7 @@ def download(url: str, dest_file: str | Path, sha256: str, *, retries: int = 5, 
     A finished `dest_file` with the right checksum is reused. After a checksum mismatch the
     partial download is deleted (a wrong file is never resumed or kept).
     """
+    host, port = _check_url(url)
     dest_file = Path(dest_file)
     dest_file.parent.mkdir(parents=True, exist_ok=True)
     sha256 = sha256.lower()
@@ -240,20 +297,45 @@ def download(url: str, dest_file: str | Path, sha256: str, *, retries: int = 5, 
             return dest_file
         dest_file.unlink()
     part = dest_file.with_name(dest_file.name + ".part")
-    failures = 0
+    failures, use_range, restarted = 0, True, False
     while True:
         try:
-            if _stream(url, part, timeout, chunk, progress):
+            if _stream(url, part, timeout, chunk, progress, use_range):
                 break
+        except _RangeMismatch as e:
+            # a server that resumes elsewhere than asked: restart once from byte 0 without Range (the .part
+            # is only replaced once a full body arrives); a second time, or a plain GET answered with a
+            # range, is the server's fault and retrying would loop for ever
+            if restarted or not e.asked:
+                have = part.stat().st_size if part.exists() else 0
+                asked = f"Range: bytes={e.asked}-" if e.asked else "no Range header"
+                kept = f"; {have} bytes kept in {part}" if have else ""
+                raise FetchError(f"data.url {url}: the server answered a request with {asked} with a wrong byte "
+                                 f"range (206, Content-Range {e.content_range!r}): it does not serve byte ranges "
+                                 f"correctly{kept}. Check data.url (a proxy or mirror in the way?), or download "
+                                 "the archive by hand and use data.source: archive") from None
+            restarted, use_range = True, False
         except _TRANSIENT as e:
             if isinstance(e, urllib.error.HTTPError) and e.code < 500:
                 raise FetchError(f"{url}: HTTP {e.code} {e.reason}; check data.url") from None
-            failures += 1
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, ssl.SSLError):
+                raise FetchError(f"data.url {url}: TLS handshake failed ({e.reason}); check data.url (https:// "
+                                 "for a plain http server?) and the server's certificate") from None
+            failures, use_range = failures + 1, True          # a drop after a restart resumes again
             if failures > retries:
                 have = part.stat().st_size if part.exists() else 0
+                what = _no_server(e, host, port)
+                if what:
+                    kept = f"; {have} bytes kept in {part}, run again to resume" if have else ""
+                    raise FetchError(f"data.url {url}: {what} ({failures} attempts); check data.url (host and "
+                                     f"port), the network and that the server is running{kept}") from None
                 raise FetchError(f"{url}: download failed after {failures} attempts ({e!r}); "
                                  f"{have} bytes kept in {part}; run again to resume") from None
             time.sleep(backoff * min(2 ** (failures - 1), 8))
+        except http.client.HTTPException as e:   # after _TRANSIENT: IncompleteRead is one too
+            raise FetchError(f"data.url {url}: the server at {host}:{port} did not answer in HTTP "
+                             f"({type(e).__name__}: {str(e).strip()!r}); it is not an HTTP(S) server: check data.url "
+                             "(scheme, host and port)") from None
     got = sha256_file(part)
     if got != sha256:
         part.unlink(missing_ok=True)
@@ -263,9 +345,10 @@ def download(url: str, dest_file: str | Path, sha256: str, *, retries: int = 5, 
     return dest_file
 
 
-def _stream(url: str, part: Path, timeout: float, chunk: int, progress: bool) -> bool:
-    """One request appending to `part` from its current size; True when the file is complete."""
-    offset = part.stat().st_size if part.exists() else 0
+def _stream(url: str, part: Path, timeout: float, chunk: int, progress: bool, use_range: bool = True) -> bool:
+    """One request appending to `part` from its current size (from 0 without `use_range`); True when the
+    file is complete."""
+    offset = (part.stat().st_size if part.exists() else 0) if use_range else 0
     req = urllib.request.Request(url, headers={"User-Agent": "okdpose-fetch"})
     if offset:
         req.add_header("Range", f"bytes={offset}-")
@@ -278,10 +361,9 @@ def _stream(url: str, part: Path, timeout: float, chunk: int, progress: bool) ->
     with resp:
         total = None
         if resp.status == 206:
-            start, total = _content_range(resp.headers.get("Content-Range", ""))
-            if start != offset:               # server resumed elsewhere: start over
-                part.unlink(missing_ok=True)
-                return False
+            start, total = _content_range(resp.headers.get("Content-Range", ""), url)
+            if start != offset:               # server resumed elsewhere: download() decides
+                raise _RangeMismatch(offset, resp.headers.get("Content-Range", ""))
         else:                                 # 200: full body (server ignores Range)
             offset = 0
             length = resp.headers.get("Content-Length")
@@ -301,11 +383,12 @@ def _stream(url: str, part: Path, timeout: float, chunk: int, progress: bool) ->
     return True
 
 
-def _content_range(value: str) -> tuple[int, int | None]:
+def _content_range(value: str, url: str = "") -> tuple[int, int | None]:
     """'bytes 100-999/1000' -> (100, 1000); total None when '*'."""
     try:
         unit, rest = value.split(" ", 1)
         span, total = rest.split("/", 1)
         return int(span.split("-", 1)[0]), (None if total.strip() == "*" else int(total))
     except ValueError:
-        raise FetchError(f"unexpected Content-Range header {value!r} in a 206 response") from None
+        raise FetchError(f"data.url {url}: unexpected Content-Range header {value!r} in a 206 response; the server "
+                         "does not serve byte ranges correctly: check data.url") from None
