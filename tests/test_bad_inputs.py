@@ -160,6 +160,8 @@ def _not_json(raw: Path, split: str) -> tuple[Path, None]:
 #      message, skip_invalid: "skip" (skipped and counted) or "fail" (nothing valid to keep))
 DATA_CASES = {
     "missing_image": ("test", lambda r, s: _image(r, s, Path.unlink), ["image file not found"], "skip"),
+    "image_is_a_folder": ("test", lambda r, s: _image(r, s, lambda p: (p.unlink(), p.mkdir())),
+                          ["is a folder, not an image file"], "skip"),
     "corrupt_image": ("test", lambda r, s: _image(r, s, lambda p: p.write_bytes(os.urandom(4096))),
                       ["cannot be decoded", "replace the file"], "skip"),
     "truncated_image": ("test", lambda r, s: _image(r, s, lambda p: p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])),

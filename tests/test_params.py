@@ -125,6 +125,8 @@ def test_a_params_file_without_params_is_refused_not_read_as_defaults(tmp_path, 
         assert str(f) in str(err.value) and "write {}" in str(err.value)
     f.write_text("{}\n")                                 # every default, said so explicitly
     assert load_params(f) == Params()
+    with pytest.raises(ParamsError, match="is a folder"):
+        params_for_checkpoint(tmp_path, {"width": 8, "n_stage": 4, "multi": True})
 
 
 def test_unreadable_params_files_are_named(tmp_path):

@@ -524,7 +524,7 @@ def params_for_checkpoint(path: str | Path, config: Mapping[str, Any]) -> Params
     file defines (`config`: {width, n_stage, multi, ...}); its training sections are not read.
     For commands that run a given checkpoint (`okdpose evaluate --checkpoint`, `okdpose explain`)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():                    # a folder is named as one by _read_text
         raise ParamsError(f"{path}: params file not found; pass --params or run from the project root")
     try:
         raw = _yaml_document(path)

@@ -112,6 +112,8 @@ def read_frame(path: str | Path, depth_range: Sequence[float]) -> np.ndarray:
 
 def unreadable_image(path: Path) -> str:
     """Why OpenCV returned no image for `path`, and what to do about it."""
+    if path.is_dir():
+        return "is a folder, not an image file; put the frame's image file there or remove its entry"
     if not path.is_file():
         return f"image file not found (expected {path.name} in {path.parent}); add the frame or remove its entry"
     return (f"cannot be decoded as an image ({path.stat().st_size} bytes: corrupt or truncated); "
