@@ -130,6 +130,34 @@ def test_missing_or_mismatched_model_says_what_to_run(tmp_path, tiny_prepared, m
     assert not (tmp_path / "metrics" / "eval.json").exists() and not (tmp_path / "reports" / "eval.json").exists()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")     # the decoding of the inf heatmaps
+def test_damaged_ground_truth_or_non_finite_heatmaps_stop_before_any_output(tmp_path, tiny_prepared, monkeypatch):
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, prepared)
+    root = tmp_path / "root"
+    root.mkdir()
+    setup_root(root, prepared)
+    (prepared / "test_gt.json").write_text("")
+    with pytest.raises(SystemExit) as err:
+        run_stage(root, monkeypatch)
+    assert "test_gt.json" in str(err.value) and "re-run preprocess (dvc repro preprocess)" in str(err.value)
+    shutil.copy(tiny_prepared / "test_gt.json", prepared / "test_gt.json")
+    torch.manual_seed(0)
+    model = MultiOutHRNet(BABYPOSE12.num_joints, 4, 2)
+    with torch.no_grad():                # finite weights whose stage-2 heatmaps overflow float32
+        for name, m in model.named_modules():
+            if name.startswith("stage2") and isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.fill_(1.0)
+        model.intermediate_layers["1"].weight.fill_(3e38)
+    save_checkpoint(root / "models" / "model.pt", model)
+    with pytest.raises(SystemExit) as err:
+        run_stage(root, monkeypatch)
+    assert "output stage 2 (of 2)" in str(err.value) and "non-finite" in str(err.value)
+    assert not any((root / d).exists() for d in ("results", "plots", "reports", "metrics"))
+
+
 def test_logs_into_the_training_run(tmp_path, tiny_prepared, monkeypatch):
     from okdpose.tracking import Tracker
 

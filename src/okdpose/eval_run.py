@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 
 from okdpose.anytime import anytime_curve, exit_costs
-from okdpose.data.dataset import PoseDataset
+from okdpose.data.coco import DataError
+from okdpose.data.dataset import REPREPARE, PoseDataset
 from okdpose.device import precision_record
 from okdpose.energy import measure_energy
 from okdpose.evaluation import EvalReport, evaluate_report, per_joint_rows
@@ -32,6 +34,7 @@ from okdpose.files import atomic_dir, write_csv, write_json
 from okdpose import inference
 from okdpose.inference import Predictions
 from okdpose.joints import JointSpec
+from okdpose.model.checkpoint import CheckpointError
 from okdpose.model.cost import stage_costs_table
 from okdpose.model.multi_out import MultiOutHRNet
 from okdpose.params import EnergyParams
@@ -80,19 +83,52 @@ def precision_shift(preds: Predictions, ref: Predictions) -> dict[str, dict[str,
                           "moved": round(float((d[i] > 0).mean()), 4)} for i, k in enumerate(preds.stages)}
 
 
+def read_ground_truth(path: Path) -> dict[str, Any]:
+    """`{split}_gt.json` of the prepared data (COCO keypoints), or an error naming it and the fix."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ground truth not found; run the preprocess stage (dvc repro preprocess)")
+    try:
+        gt = json.loads(path.read_text())
+    except (OSError, ValueError) as err:      # ValueError: not JSON, not UTF-8
+        raise DataError(f"{path}: cannot be read as JSON ({err}); {REPREPARE}") from None
+    if not isinstance(gt, dict) or not all(isinstance(gt.get(k), list) for k in ("images", "annotations")):
+        raise DataError(f"{path}: not a COCO ground truth (no 'images' and 'annotations' lists); {REPREPARE}")
+    return gt
+
+
+def check_finite(preds: Predictions, name: str, autocast: "Optional[torch.dtype]") -> None:
+    """Stop on NaN / infinite heatmaps (broken weights, or an overflow in them or in a lower
+    precision): no metric or file could be computed from them."""
+    bad = [k for i, k in enumerate(preds.stages)
+           if not (np.isfinite(preds.maxvals[i]).all() and np.isfinite(preds.coords[i]).all())]
+    if bad:
+        under = f" under {str(autocast).removeprefix('torch.')} autocast" if autocast is not None else ""
+        fix = ("evaluate in fp32 (--precision fp32 / evaluate.precision: fp32)" if autocast is not None
+               else "its weights are broken or overflow: retrain it or use another checkpoint")
+        one = len(bad) == 1
+        raise CheckpointError(f"{name}: output stage{'' if one else 's'} {', '.join(map(str, bad))} (of "
+                              f"{len(preds.stages)}) predict{'s' if one else ''} non-finite heatmaps (NaN or "
+                              f"infinity){under}; {fix}; nothing was written")
+
+
 def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", spec: JointSpec, prepared: Path, *,
                    device: "torch.device | str" = "cpu", progress: bool = False, latency_repeats: int = 5,
-                   energy: "Optional[EnergyParams]" = None, autocast: "Optional[torch.dtype]" = None) -> EvalRun:
+                   energy: "Optional[EnergyParams]" = None, autocast: "Optional[torch.dtype]" = None,
+                   name: str = "the model") -> EvalRun:
     """Predict every stage of `model` (already on `device`) on split `e.split` of `prepared`,
     evaluate each stage and the anytime sweep, and measure each stage's cost; with `energy`,
     the energy of the predictions (all stages: one forward of the whole model per crop);
-    `autocast`: the predictions' precision (`okdpose.device.autocast_dtype` of evaluate.precision)."""
+    `autocast`: the predictions' precision (`okdpose.device.autocast_dtype` of evaluate.precision).
+    `name`: the model in messages (its file). A model with non-finite outputs stops with
+    CheckpointError before anything is evaluated or written."""
     gt_path = prepared / f"{e.split}_gt.json"
     ds = PoseDataset(prepared, e.split, spec, d.codec, use_gt_bbox=e.use_gt_bbox)
+    ground_truth = read_ground_truth(gt_path)     # read once, before the predictions: every stage and the sweep
     # energy off (None): the same call, measured by nothing and recorded nowhere
     with measure_energy(energy or EnergyParams(enabled=False), "inference") as meter:
         preds = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test,
                                   progress=progress, autocast=autocast)
+    check_finite(preds, name, autocast)
     record = None
     if energy is not None:
         n = len(ds)
@@ -102,12 +138,10 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
     shift = None
     if autocast is not None:     # not traded silently: how far the lower precision moved the keypoints
         ref = inference.predict(model, ds, batch_size=e.batch_size, device=device, flip_test=e.flip_test)
+        check_finite(ref, name, None)
         shift = precision_shift(preds, ref)
     options = dict(use_gt_bbox=e.use_gt_bbox, pck_thresholds=e.pck_thresholds, oks_nms=e.oks_nms,
                    oks_thre=e.oks_thre, in_vis_thre=e.in_vis_thre, image_thre=e.image_thre)
-    if not gt_path.is_file():
-        raise FileNotFoundError(f"{gt_path}: ground truth not found; run the preprocess stage (dvc repro preprocess)")
-    ground_truth = json.loads(gt_path.read_text())            # read once: every stage and the whole sweep
     report = evaluate_report(preds, gt_path, spec, ground_truth=ground_truth, **options)
     costs = stage_costs_table(model, d.image_size, repeats=latency_repeats)
     stages = {k: {**m, **costs[k]} for k, m in report.metrics.items()}
@@ -126,16 +160,30 @@ def run_evaluation(model: MultiOutHRNet, e: "EvaluateParams", d: "DataParams", s
                    energy={"inference": record} if record else None)
 
 
+# what write_evaluation puts in its results and plots folders (nothing else: they are replaced whole)
+OUTPUT_NAMES = {"results": re.compile(r"predictions_stage\d+\.json"),
+                "plots": re.compile(r"(stages|per_joint|anytime)\.csv|example_\d+\.png")}
+
+
+def foreign_files(folder: Path, kind: str) -> list[str]:
+    """Entries of `folder` (a results or plots folder, `kind`) that write_evaluation does not
+    write, which replacing the folder would delete; [] for a missing folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                  if p.is_dir() or not OUTPUT_NAMES[kind].fullmatch(p.name))
+
+
 def write_evaluation(run: EvalRun, *, metrics: Path, results: Path, plots: Path, num_images: int,
                      extra: Optional[dict[str, Any]] = None, headline: Optional[Path] = None) -> None:
     """COCO results per stage (results/), CSV tables and example pictures (plots/), then the
     full JSON document (`metrics`), then its `eval_headline` subset (`headline`, when given)
     last: each exists only for a complete run, a headline never without its report. `extra`:
     more top-level JSON keys of the full document."""
-    with atomic_dir(results) as tmp:
+    # both built before either replaces its folder: a failure in the plots leaves the old results too
+    with atomic_dir(results) as res_tmp, atomic_dir(plots) as tmp:
         for k, res in run.report.results.items():
-            write_json(tmp / f"predictions_stage{k}.json", res, indent=None)
-    with atomic_dir(plots) as tmp:
+            write_json(res_tmp / f"predictions_stage{k}.json", res, indent=None)
         write_csv(tmp / "stages.csv", [{"stage": k, **m} for k, m in run.stages.items()])
         write_csv(tmp / "per_joint.csv", per_joint_rows(run.report, run.dataset.spec))
         if run.anytime:

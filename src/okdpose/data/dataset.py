@@ -17,8 +17,9 @@ rotation and scale folded into a single affine.
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 import cv2
 import numpy as np
@@ -36,6 +37,34 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+REPREPARE = "re-run preprocess (dvc repro preprocess)"
+T = TypeVar("T")
+
+
+def _read_prepared(path: Path, read: Callable[[], T]) -> T:
+    """`read()` of a preprocess output `path`; a damaged file (truncated, not what preprocess wrote)
+    is a DataError naming it and the fix instead of the reader's own error."""
+    try:
+        return read()
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: cannot be read, damaged or not what preprocess wrote ({type(e).__name__}: {e}); "
+                        f"{REPREPARE}") from None
+
+
+def load_prepared_meta(prepared: str | Path) -> dict:
+    """`coco.load_meta` with the keys read here checked: a meta.json of the right version that lacks
+    one stops naming it, not with a KeyError later."""
+    meta = load_meta(prepared)
+    missing = [k for k in ("joints", "splits", "image_size", "raw_root", "depth_range") if k not in meta]
+    splits = meta.get("splits")
+    missing += [f"splits.{s}.channels" for s, v in (splits.items() if isinstance(splits, dict) else ())
+                if not isinstance(v, dict) or "channels" not in v]
+    if missing or not isinstance(splits, dict):
+        what = ", ".join(missing) or "a splits mapping"
+        raise DataError(f"{Path(prepared) / 'meta.json'}: lacks {what}; {REPREPARE}")
+    return meta
 
 
 class PoseDataset(Dataset):
@@ -49,7 +78,7 @@ class PoseDataset(Dataset):
                  augment: Optional["AugmentParams"] = None, use_gt_bbox: bool = True, train: bool = False,
                  raw_root: str | Path | None = None, use_cache: bool = True):
         self.prepared = Path(prepared_dir)
-        self.meta = load_meta(self.prepared)
+        self.meta = load_prepared_meta(self.prepared)
         if self.meta["joints"] != spec.name:
             raise DataError(f"{self.prepared}/meta.json: prepared for joints {self.meta['joints']!r}, "
                             f"asked for {spec.name!r}; re-run preprocess with the same data.joints")
@@ -57,7 +86,8 @@ class PoseDataset(Dataset):
             raise DataError(f"{self.prepared}: no split {split!r} (have {sorted(self.meta['splits'])})")
         self.split, self.spec = split, spec
         self.kind = "gt" if use_gt_bbox else "det"
-        self.records: Records = load_records(self.prepared, split, self.kind)
+        self.records: Records = _read_prepared(self.prepared / f"{split}_{self.kind}.npz",
+                                               lambda: load_records(self.prepared, split, self.kind))
         self.codec = codec
         self.image_size = codec.image_size
         self.augment = augment if (train and augment is not None and augment.enabled) else None
@@ -70,6 +100,8 @@ class PoseDataset(Dataset):
                           and tuple(self.meta["image_size"]) == self.image_size)
         self._cache_path = cache
         self._cache: np.ndarray | None = None
+        if self.use_cache:               # a damaged cache stops here, naming it, not in the middle of a run
+            self._check_cache()
         self._aspect = self.image_size[0] / self.image_size[1]
         self._norm_mul = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
         self._norm_add = (-IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
@@ -81,6 +113,14 @@ class PoseDataset(Dataset):
     def gt_boxes(self) -> bool:
         """Whether the samples are ground-truth boxes (else detection boxes)."""
         return self.kind == "gt"
+
+    def _check_cache(self) -> None:
+        cache = _read_prepared(self._cache_path, lambda: np.load(self._cache_path, mmap_mode="r"))
+        want = (len(self.records), self.image_size[1], self.image_size[0])
+        if cache.ndim != 4 or cache.shape[:3] != want:
+            raise DataError(f"{self._cache_path}: holds crops of shape {cache.shape}, expected {want} + (channels,) "
+                            f"for {self._cache_path.name.replace('_crops.npy', '.npz')}; {REPREPARE}")
+        del cache                        # not kept: each DataLoader worker maps its own (below)
 
     def _crop_from_cache(self, i: int) -> np.ndarray:
         if self._cache is None:          # opened lazily so each DataLoader worker maps its own
