@@ -70,6 +70,19 @@ COVERED_ELSEWHERE = {  # case -> test that covers it (kept there: it needs that 
     "complete_part_file_verified_not_refetched": "tests/test_fetch.py::test_url_complete_part_is_verified_not_refetched",
     "params_file_missing_or_not_yaml": "tests/test_params.py::test_overrides_and_file_errors",
     "stage_error_is_one_line_without_traceback": "tests/test_preprocess.py::test_stage_scripts_end_to_end",
+    "download_wrong_range_bounded": "tests/test_fetch.py::test_url_server_answering_the_wrong_range_stops",
+    "download_not_an_http_server": "tests/test_fetch.py::test_url_not_an_http_server",
+    "local_path_overlapping_the_target": "tests/test_fetch.py::test_local_path_overlapping_the_target_is_refused",
+    "killed_writers_temporaries_swept": "tests/test_files.py::test_a_killed_writers_temporaries_are_swept_a_live_ones_kept",
+    "evaluate_out_checked_before_work": ("tests/test_evaluate_cli.py::"
+                                         "test_an_out_that_cannot_be_written_or_holds_an_input_is_refused_before_any_work"),
+    "evaluate_non_finite_outputs": "tests/test_evaluate_cli.py::test_non_finite_outputs_stop_naming_file_and_stage_and_write_nothing",
+    "evaluate_keeps_files_beside_its_outputs":
+        "tests/test_evaluate_cli.py::test_files_beside_the_outputs_survive_and_a_rerun_replaces_only_its_own",
+    "explain_box_on_the_frame": "tests/test_explain_image.py::test_box_must_be_a_person_box_on_the_frame",
+    "explain_joint_count": "tests/test_explain_image.py::test_released_file_of_another_joint_count",
+    "predict_frames_not_files": ("tests/test_frames.py::"
+                                 "test_frame_entries_that_are_not_files_are_unreadable_frames_not_dropped_or_waited_on"),
 }
 
 
