@@ -282,12 +282,37 @@ def test_skip_invalid_counts_each_kind(tiny_raw, tmp_path):
 
 # =========================================================================== data/prepared -> dataset
 
+REPREPARE = "re-run preprocess (dvc repro preprocess)"
 PREPARED_CASES = {  # id: (damage(prepared), words)
     "meta_not_json": (lambda p: (p / "meta.json").write_text("{\"version\": 1,"), ["meta.json", "not valid JSON", "re-run the preprocess"]),
     "meta_missing": (lambda p: (p / "meta.json").unlink(), ["meta.json", "not found", "dvc repro preprocess"]),
     "records_missing": (lambda p: (p / "val_gt.npz").unlink(), ["val_gt.npz", "not found", "dvc repro preprocess"]),
     "other_version": (lambda p: (p / "meta.json").write_text(json.dumps({"version": 0})), ["version 0", "re-run preprocess"]),
+    "crops_empty": (lambda p: (p / "val_gt_crops.npy").write_bytes(b""), ["val_gt_crops.npy", REPREPARE]),
+    "crops_header_cut": (lambda p: _keep_bytes(p / "val_gt_crops.npy", 60), ["val_gt_crops.npy", REPREPARE]),
+    "crops_data_cut": (lambda p: _keep_bytes(p / "val_gt_crops.npy", -10), ["val_gt_crops.npy", REPREPARE]),
+    "crops_other_shape": (lambda p: np.save(p / "val_gt_crops.npy", np.zeros((1, 2, 3, 1), np.uint8)),
+                          ["val_gt_crops.npy", REPREPARE]),
+    "records_cut": (lambda p: _keep_bytes(p / "val_gt.npz", 100), ["val_gt.npz", REPREPARE]),
+    "records_field_missing": (lambda p: _npz_without(p / "val_gt.npz", "center"), ["val_gt.npz", REPREPARE]),
+    "meta_key_missing": (lambda p: _json_without(p / "meta.json", "raw_root"), ["meta.json", REPREPARE]),
 }
+
+
+def _keep_bytes(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:n])
+
+
+def _npz_without(path: Path, field: str) -> None:
+    with np.load(path) as z:
+        kept = {k: z[k] for k in z.files if k != field}
+    np.savez(path, **kept)
+
+
+def _json_without(path: Path, key: str) -> None:
+    meta = json.loads(path.read_text())
+    del meta[key]
+    path.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("case", list(PREPARED_CASES))

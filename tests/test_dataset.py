@@ -1,6 +1,3 @@
-import json
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -114,40 +111,3 @@ def test_wrong_spec_or_split(tiny_prepared):
     with pytest.raises(DataError, match="no split"):
         make(tiny_prepared, split="holdout")
 
-
-def _npz_without(path, field):
-    with np.load(path) as z:
-        kept = {k: z[k] for k in z.files if k != field}
-    np.savez(path, **kept)
-
-
-def _json_without(path, key):
-    meta = json.loads(path.read_text())
-    del meta[key]
-    path.write_text(json.dumps(meta))
-
-
-DAMAGE = {  # id: (damage(prepared), the file named)
-    "crops_empty": (lambda p: (p / "train_gt_crops.npy").write_bytes(b""), "train_gt_crops.npy"),
-    "crops_header_cut": (lambda p: (p / "train_gt_crops.npy").write_bytes((p / "train_gt_crops.npy").read_bytes()[:60]),
-                         "train_gt_crops.npy"),
-    "crops_data_cut": (lambda p: (p / "train_gt_crops.npy").write_bytes((p / "train_gt_crops.npy").read_bytes()[:-10]),
-                       "train_gt_crops.npy"),
-    "crops_other_shape": (lambda p: np.save(p / "train_gt_crops.npy", np.zeros((1, 2, 3, 1), np.uint8)),
-                          "train_gt_crops.npy"),
-    "records_cut": (lambda p: (p / "train_gt.npz").write_bytes((p / "train_gt.npz").read_bytes()[:100]), "train_gt.npz"),
-    "records_field_missing": (lambda p: _npz_without(p / "train_gt.npz", "center"), "train_gt.npz"),
-    "meta_key_missing": (lambda p: _json_without(p / "meta.json", "raw_root"), "meta.json"),
-}
-
-
-@pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_prepared_file_names_it_and_says_re_run_preprocess(case, tiny_prepared, tmp_path):
-    prepared = tmp_path / "prepared"
-    shutil.copytree(tiny_prepared, prepared)
-    damage, name = DAMAGE[case]
-    damage(prepared)
-    with pytest.raises(DataError) as err:
-        make(prepared)
-    assert str(err.value).startswith(str(prepared / name)), str(err.value)
-    assert "re-run preprocess (dvc repro preprocess)" in str(err.value)
