@@ -38,7 +38,7 @@ def main() -> None:
     dtype = autocast_dtype(device, e.precision, key="evaluate.precision")
     logging.info("evaluate: %s", describe(device, dtype, input_memory_format(device)))
     run = run_evaluation(model.to(device), e, p.data, p.joint_spec, PREPARED, device=device,
-                         progress=sys.stderr.isatty(), energy=p.energy, autocast=dtype)
+                         progress=sys.stderr.isatty(), energy=p.energy, autocast=dtype, name=str(MODEL))
     write_evaluation(run, metrics=REPORT, results=RESULTS, plots=PLOTS, num_images=e.num_images, headline=METRICS)
     summary = run.summary()
     named = {k: v for k, v in summary.items() if k.startswith("stage")}

@@ -154,7 +154,7 @@ def test_damaged_ground_truth_or_non_finite_heatmaps_stop_before_any_output(tmp_
     save_checkpoint(root / "models" / "model.pt", model)
     with pytest.raises(SystemExit) as err:
         run_stage(root, monkeypatch)
-    assert "output stage 2 (of 2)" in str(err.value) and "non-finite" in str(err.value)
+    assert "models/model.pt: output stage 2 (of 2)" in str(err.value) and "non-finite" in str(err.value)
     assert not any((root / d).exists() for d in ("results", "plots", "reports", "metrics"))
 
 

@@ -514,7 +514,15 @@ def test_non_finite_model_outputs_name_the_model(tiny, folder, tmp_path, capsys)
     save_checkpoint(bad, model)
     out = tmp_path / "out"
     code, _, err = run([folder, "--model", bad, "--stage", 1, "--params", params, "--out", out, "--overlay"], capsys)
-    assert code == 2 and "nan.pt: its outputs are not finite" in err and "NaN/inf weights" in err
+    assert code == 2 and "nan.pt: tensor" in err and "holds 1 non-finite values (NaN / inf)" in err  # refused when loaded
+    assert not out.exists() and no_debris(tmp_path)
+    with torch_no_grad():                    # finite weights whose heatmaps overflow float32: the outputs' check
+        next(model.parameters()).view(-1)[0] = 0.0
+        model.intermediate_layers["0"].weight.fill_(3e38)
+    big = tmp_path / "big.pt"
+    save_checkpoint(big, model)
+    code, _, err = run([folder, "--model", big, "--stage", 1, "--params", params, "--out", out, "--overlay"], capsys)
+    assert code == 2 and "big.pt: its outputs are not finite" in err
     assert not out.exists() and no_debris(tmp_path)
 
 
