@@ -165,8 +165,15 @@ def relative_difference(a: dict, b: dict) -> float:
     return float(diff.norm() / torch.cat([b[k].flatten() for k in keys]).norm())
 
 
-def test_two_ranks_train_like_one_process_with_the_global_batch(tiny_prepared, tmp_path):
-    ranks = run_ddp(tiny_prepared, tmp_path / "ddp", epochs=2)
+@pytest.fixture(scope="module")
+def two_epochs(tiny_prepared, tmp_path_factory) -> tuple[list[dict], Path]:
+    """An uninterrupted 2-epoch run of two ranks (both tests compare with it): (ranks, its folder)."""
+    out = tmp_path_factory.mktemp("ddp")
+    return run_ddp(tiny_prepared, out, epochs=2), out
+
+
+def test_two_ranks_train_like_one_process_with_the_global_batch(tiny_prepared, tmp_path, two_epochs):
+    ranks, ddp_dir = two_epochs
     single_dir = tmp_path / "single"
     single_dir.mkdir()
     single, single_steps = build(tiny_prepared, single_dir, 4, 2, distributed.DistContext())
@@ -196,11 +203,11 @@ def test_two_ranks_train_like_one_process_with_the_global_batch(tiny_prepared, t
     assert moved > len(init) // 3          # the comparison is not between two untouched models
     assert relative_difference(ref_w, init) > 1e3 * WEIGHT_RTOL
     # rank 0 wrote the usual files in the usual format
-    last = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    last = torch.load(ddp_dir / "last.pt", weights_only=True)
     assert last["format"] == "okdpose-last" and last["epoch"] == 2 and not any("module." in k for k in last["model"])
     for k, v in last["model"].items():
         assert torch.equal(v, ranks[0]["weights"][k]), k
-    assert (tmp_path / "ddp" / "model.pt").is_file()
+    assert (ddp_dir / "model.pt").is_file()
 
 
 def strip(record: dict) -> dict:
@@ -208,7 +215,7 @@ def strip(record: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tmp_path):
+def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tmp_path, two_epochs):
     out = tmp_path / "run"
     with pytest.raises(Exception, match="stopped at epoch 2 step 1"):
         run_ddp(tiny_prepared, out, epochs=2, stop_at=(2, 1))
@@ -222,7 +229,7 @@ def test_a_stopped_ddp_run_resumes_to_the_uninterrupted_result(tiny_prepared, tm
     ranks = run_ddp(tiny_prepared, resumed, epochs=2, own_dirs=True)
     assert [r["resumed"] for r in ranks] == [1, 1] and [r["epochs_run"] for r in ranks] == [2, 2]
     assert not (resumed / "node1" / "last.pt").exists()           # only the main rank writes
-    full = run_ddp(tiny_prepared, tmp_path / "full", epochs=2)   # uninterrupted
+    full, _ = two_epochs                                          # uninterrupted
     for k, v in full[0]["weights"].items():
         assert torch.equal(v, ranks[0]["weights"][k]), k
     assert [strip(r) for r in full[0]["history"]] == [strip(r) for r in ranks[0]["history"]]

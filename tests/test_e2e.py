@@ -156,9 +156,9 @@ def runs_by_name(repo: Path) -> dict[str, Any]:
     return {r.info.run_name: r for r in runs}
 
 
-def build_pipeline_repo(repo: Path, overrides: Mapping[str, Any] | None = None) -> Path:
-    """A git + DVC clone of the project with tiny params (and `overrides`), `dvc repro` run and
-    committed; dvc's output in repo.parent / "repro.log"."""
+def build_pipeline_repo(repo: Path, overrides: Mapping[str, Any] | None = None, target: str | None = None) -> Path:
+    """A git + DVC clone of the project with tiny params (and `overrides`), `dvc repro [target]`
+    run and committed; dvc's output in repo.parent / "repro.log"."""
     repo.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in PROJECT_FILES:
@@ -175,7 +175,7 @@ def build_pipeline_repo(repo: Path, overrides: Mapping[str, Any] | None = None) 
         sh(repo, "git", "config", key, value)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "tiny okdpose")
-    repro = sh(repo, "dvc", "repro", timeout=600)
+    repro = sh(repo, "dvc", "repro", *([target] if target else []), timeout=600)
     (repo.parent / "repro.log").write_text(repro.stdout)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "baseline results")

@@ -108,8 +108,9 @@ def test_nproc_per_node_relaunches_the_stage_through_torch_distributed_run(tiny_
 def test_dvc_repro_trains_as_two_processes_and_then_is_up_to_date(tmp_path):
     from test_e2e import build_pipeline_repo, dvc_json, sh, stages_in
 
+    # up to train-okd: the stages after it are the single-process ones test_e2e.py runs
     repo = build_pipeline_repo(tmp_path / "okdpose", {"train.nproc_per_node": 2, "train.channels_last": True,
-                                                      "tracking.enabled": False})
+                                                      "tracking.enabled": False}, target="train-okd")
     log = (tmp_path / "repro.log").read_text()
     assert "train-okd" in stages_in(log)[0] and "starting 2 processes" in log, log
     assert "rank 0 of 2 (gloo" in log and "rank 1 of 2 (gloo" in log, log
@@ -117,8 +118,8 @@ def test_dvc_repro_trains_as_two_processes_and_then_is_up_to_date(tmp_path):
     train = json.loads((repo / "reports" / "train.json").read_text())
     assert train["world_size"] == 2 and train["epochs_run"] == 2 and train["resumed_from_epoch"] is None
     assert torch.load(repo / "models" / "last.pt", weights_only=True)["world_size"] == 2
-    again = sh(repo, "dvc", "repro")
-    assert stages_in(again.stdout)[0] == set() and dvc_json(repo, "status") == {}, again.stdout
+    again = sh(repo, "dvc", "repro", "train-okd")
+    assert stages_in(again.stdout)[0] == set() and dvc_json(repo, "status", "train-okd") == {}, again.stdout
 
 
 def test_changed_params_start_fresh_and_bad_init_names_the_fix(tiny_prepared, tmp_path, monkeypatch, caplog):
