@@ -83,6 +83,9 @@ COVERED_ELSEWHERE = {  # case -> test that covers it (kept there: it needs that 
     "explain_joint_count": "tests/test_explain_image.py::test_released_file_of_another_joint_count",
     "predict_frames_not_files": ("tests/test_frames.py::"
                                  "test_frame_entries_that_are_not_files_are_unreadable_frames_not_dropped_or_waited_on"),
+    "grid_predictions_that_cannot_be_scored":
+        "tests/test_grid_stats.py::test_predictions_that_cannot_be_scored_name_the_file_entry_and_field",
+    "grid_impossible_options": "tests/test_grid.py::test_impossible_options_are_refused_by_name_before_any_work",
 }
 
 

@@ -49,6 +49,25 @@ def test_queue_is_seed_major_and_skips_collected_and_pending_runs(tmp_path, caps
         grid.main(["queue", "--seeds", "0", "--dry-run"])
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["table", "--replicates", "0"], ["--replicates", "0 is below 1"]),
+    (["table", "--replicates", "many"], ["--replicates", "'many' is not an integer"]),
+    (["table", "--seed", "-1"], ["--seed", "-1 is below 0"]),
+    (["watch", "--interval", "0"], ["--interval", "between 0 and 86400"]),
+    (["watch", "--interval", "nan"], ["--interval", "between 0 and 86400"]),
+    (["watch", "-j", "0"], ["--jobs", "0 is below 1"]),
+    (["queue", "--threads", "-1", "--dry-run"], ["--threads", "-1 is below 0"]),
+])
+def test_impossible_options_are_refused_by_name_before_any_work(argv, words, capsys):
+    """Before: --replicates 0 and --seed -1 were tracebacks after the runs were read, --interval 0
+    polled dvc without a pause."""
+    with pytest.raises(SystemExit) as err:
+        grid.main(argv)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "Traceback" not in msg and all(w in msg for w in words), msg
+
+
 def test_workers_get_one_thread_each_by_default():
     env = grid.worker_env(1)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"

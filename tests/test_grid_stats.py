@@ -284,6 +284,31 @@ def test_other_ground_truth_and_unknown_rows(tmp_path, gt):
         load_runs(root)
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda r: r.update(image_id=10**9), ["result 3", "image_id 1000000000", f"({N_IMG} images)", "another test split"]),
+    (lambda r: r.update(image_id=1.5), ["result 3", "image_id 1.5"]),
+    (lambda r: r.update(category_id=7), ["result 3", "category_id 7", f"[{BABYPOSE12.category_id}]"]),
+    (lambda r: r.update(keypoints=r["keypoints"][:-3]), ["result 3", f"{3 * J} finite numbers", f"got {3 * J - 3} values"]),
+    (lambda r: r["keypoints"].__setitem__(4, float("nan")), ["result 3", "NaN/inf"]),
+    (lambda r: r["keypoints"].__setitem__(4, "7"), ["result 3", "non-numbers"]),
+    (lambda r: r.update(score=None), ["result 3", "score None"]),
+    (lambda r: r.pop("keypoints"), ["result 3 has no keypoints"]),
+])
+def test_predictions_that_cannot_be_scored_name_the_file_entry_and_field(tmp_path, gt, change, words):
+    """Before: pycocotools' bare AssertionError (an image id not in the ground truth), a KeyError, or
+    a NaN scored without a word."""
+    root = _grid(tmp_path, gt, 2.0, 4.0, seeds=(0,))
+    path = root / "runs" / "HRNet3-s0" / "predictions_stage3.json.gz"
+    res = json.loads(gzip.decompress(path.read_bytes()))
+    change(res[3])
+    path.write_bytes(gzip.compress(json.dumps(res).encode()))        # json writes NaN as the token NaN
+    with pytest.raises(GridDataError) as err:
+        bootstrap_comparisons(load_runs(root), [CMP], load_ground_truth(root), replicates=4)
+    assert str(err.value).startswith(f"{path}: ") and "okdpose grid collect" in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
 # --------------------------------------------------------------------------- report
 
 def test_report_files_and_plot(tmp_path, gt):

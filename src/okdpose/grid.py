@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 
 
@@ -234,6 +234,31 @@ def watch_queue(jobs: int, interval: float = 60.0, run: Any = subprocess.run, sl
         sleep(interval)
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= low (argparse names the option and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (0 would poll dvc without pause, inf never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (0 < value < 86400):
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 86400 seconds")
+    return value
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -250,16 +275,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
     q.add_argument("--skip-collected", type=Path, metavar="OUT", nargs="?", const=Path("results/grid"),
                    help="do not queue (row, seed) runs already in OUT/runs (default results/grid)")
     q.add_argument("--start", action="store_true", help="start the queue after adding (dvc queue start)")
-    q.add_argument("-j", "--jobs", type=int, default=2, help="parallel workers for --start")
-    q.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (0: torch's default)")
+    q.add_argument("-j", "--jobs", type=_at_least(1), default=2, help="parallel workers for --start")
+    q.add_argument("--threads", type=_at_least(0), default=1, help="intra-op threads per worker (0: torch's default)")
     q.add_argument("--watch", action="store_true",
                    help="with --start: stay until the queue is empty, restarting stopped workers (see watch)")
     q.add_argument("--dry-run", action="store_true", help="print the commands only")
     w = sub.add_parser("watch", help="keep -j experiments running until the queue is empty (DVC workers can "
                                      "stop early, treeverse/dvc#10562), collecting finished runs")
-    w.add_argument("-j", "--jobs", type=int, default=2)
-    w.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (0: torch's default)")
-    w.add_argument("--interval", type=float, default=60.0, help="seconds between checks")
+    w.add_argument("-j", "--jobs", type=_at_least(1), default=2)
+    w.add_argument("--threads", type=_at_least(0), default=1, help="intra-op threads per worker (0: torch's default)")
+    w.add_argument("--interval", type=_seconds, default=60.0, help="seconds between checks")
     w.add_argument("--out", default="results/grid", type=Path)
     c = sub.add_parser("collect", help="copy finished grid experiments into OUT/runs/ (plain files to commit)")
     c.add_argument("--prefix", default="")
@@ -268,8 +293,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m okdpose.grid"
                                      "intervals, energy (markdown, CSV, PNG)")
     t.add_argument("--out", default="results/grid", type=Path)
     t.add_argument("--no-collect", action="store_true", help="only the files already in OUT/runs")
-    t.add_argument("--replicates", type=int, default=1000, help="bootstrap replicates")
-    t.add_argument("--seed", type=int, default=0, help="bootstrap random seed")
+    t.add_argument("--replicates", type=_at_least(1), default=1000, help="bootstrap replicates")
+    t.add_argument("--seed", type=_at_least(0), default=0, help="bootstrap random seed")
     args = ap.parse_args(argv)
 
     if args.cmd == "list":

@@ -283,6 +283,42 @@ def sigmas_for(gt: dict) -> np.ndarray:
     raise GridDataError(f"ground truth category {cid} with {n} keypoints matches no joint spec in okdpose.joints")
 
 
+def check_results(path: Path, results: Sequence[Any], gt: Any) -> None:
+    """GridDataError naming `path`, the entry and the field when a COCO keypoint result cannot be
+    scored against the ground truth `gt` (a pycocotools COCO): an image id it does not hold, another
+    category, keypoints that are not 3 x its joint count finite numbers, a non-finite score.
+    pycocotools would stop with a bare assertion or a KeyError, or go on with a NaN silently."""
+    image_ids, cats = set(gt.getImgIds()), gt.dataset.get("categories") or [{}]
+    cat_ids = {c.get("id") for c in cats}
+    n = 3 * len(cats[0].get("keypoints") or ())
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for i, r in enumerate(results):
+        where = f"{path}: result {i}"
+        if not isinstance(r, dict):
+            raise GridDataError(f"{where} is {type(r).__name__}, not a COCO result object; {FIX}")
+        missing = [k for k in ("image_id", "category_id", "keypoints", "score") if k not in r]
+        if missing:
+            raise GridDataError(f"{where} has no {', '.join(missing)}; {FIX}")
+        if not (number(r["image_id"]) and r["image_id"] == int(r["image_id"])) or int(r["image_id"]) not in image_ids:
+            raise GridDataError(f"{where}: image_id {r['image_id']!r} is not an image of the shared ground truth "
+                                f"{GT_FILE} ({len(image_ids)} images): these predictions are of another test split; "
+                                f"re-run the experiment, then `okdpose grid collect`")
+        if r["category_id"] not in cat_ids:
+            raise GridDataError(f"{where}: category_id {r['category_id']!r} is not the ground truth's "
+                                f"{sorted(cat_ids)}; {FIX}")
+        kp = r["keypoints"]
+        if not isinstance(kp, list) or len(kp) != n or not all(number(v) for v in kp):
+            what = f"{len(kp)} values" if isinstance(kp, list) else type(kp).__name__
+            raise GridDataError(f"{where}: keypoints must be {n} finite numbers (x, y, v per joint), got {what}"
+                                f"{' with non-numbers or NaN/inf' if isinstance(kp, list) and len(kp) == n else ''}; "
+                                f"{FIX}")
+        if not number(r["score"]):
+            raise GridDataError(f"{where}: score {r['score']!r} is not a finite number; {FIX}")
+
+
 class ResampledAP:
     """pycocotools' per-image evaluation of one results list, re-accumulated on image resamples.
 
@@ -362,7 +398,9 @@ def bootstrap_comparisons(runs: Sequence[GridRun], compare: Sequence[Comparison]
     start, acc_seconds = time.perf_counter(), 0.0
     for j, (name, stage) in enumerate(pairs):
         run = run_of[name]
-        res = ResampledAP(coco, run.results(stage), sigmas)
+        results = run.results(stage)
+        check_results(predictions_file(run.folder, stage), results, coco)
+        res = ResampledAP(coco, results, sigmas)
         full[name, stage] = 100.0 * res.ap(np.arange(n_img))
         recorded = 100.0 * float(run.eval[f"stage{stage}"]["AP"])
         if abs(full[name, stage] - recorded) > 1e-4:
