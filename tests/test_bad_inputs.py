@@ -86,6 +86,7 @@ COVERED_ELSEWHERE = {  # case -> test that covers it (kept there: it needs that 
     "grid_predictions_that_cannot_be_scored":
         "tests/test_grid_stats.py::test_predictions_that_cannot_be_scored_name_the_file_entry_and_field",
     "grid_impossible_options": "tests/test_grid.py::test_impossible_options_are_refused_by_name_before_any_work",
+    "bench_impossible_options": "tests/test_bench.py::test_impossible_options_are_refused_before_any_measuring",
 }
 
 

@@ -341,3 +341,24 @@ def test_run_all_measures_the_limits_at_both_ends():
     assert set(bench.limit_drift(r["machine"])) == {"fp32", "bf16"}
     assert "again at the end of the run" in bench.format_report(r, quick=True)
     assert bench.format_report(r, quick=False).startswith("okdpose bench (full sizes, only the limits); ")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--threads", "-3"], ["--threads must be from 1 to", "got -3"]),          # was torch's RuntimeError
+    (["--threads", "0"], ["--threads must be from 1 to"]),
+    (["--threads", "100000"], ["4 per core", "got 100000"]),                # oversubscribed: ran for ever
+    (["--peak-gflops", "0"], ["--peak-gflops must be a positive number", "got 0.0"]),   # every % was inf
+    (["--peak-gflops", "nan"], ["--peak-gflops", "got nan"]),
+    (["--json", "."], ["--json . is a folder", "bench.json"]),              # was IsADirectoryError at the end
+    (["--json", "afile/b.json"], ["afile is a file, not a folder"]),
+])
+def test_impossible_options_are_refused_before_any_measuring(argv, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("keep")
+    monkeypatch.setattr(bench, "run_all", lambda *a, **kw: pytest.fail("measured before refusing"))
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--quick", "--only", "loader", *argv])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert "Traceback" not in msg and all(w in msg for w in words), msg
+    assert (tmp_path / "afile").read_text() == "keep"

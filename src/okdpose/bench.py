@@ -1075,6 +1075,23 @@ def format_report(r: Mapping[str, Any], quick: bool) -> str:
     return "\n".join(lines)
 
 
+def _check_options(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before minutes of measuring, what would fail or mislead only at the end: a thread
+    count torch rejects or that oversubscribes the cores, a peak that makes every % inf or NaN, a
+    --json path that cannot be a file."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= 4 * cores:
+        ap.error(f"--threads must be from 1 to {4 * cores} (4 per core of the {cores} here), got {args.threads}")
+    if args.peak_gflops is not None and not (math.isfinite(args.peak_gflops) and args.peak_gflops > 0):
+        ap.error(f"--peak-gflops must be a positive number of GFLOP/s, got {args.peak_gflops}")
+    if args.json is not None:
+        if args.json.is_dir():
+            ap.error(f"--json {args.json} is a folder; give a file name, e.g. {args.json / 'bench.json'}")
+        blocking = next((q for q in args.json.parents if q.exists() and not q.is_dir()), None)
+        if blocking is not None:
+            ap.error(f"--json {args.json}: {blocking} is a file, not a folder")
+
+
 def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m okdpose.bench") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes and repeats, for a quick check")
@@ -1088,6 +1105,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m okdpose.be
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="run only these sections")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
+    _check_options(ap, args)
     start = time.perf_counter()
     threads = args.threads or auto_threads()
     result = run_all(QUICK if args.quick else FULL, threads, args.peak_gflops, args.only, bf16=not args.no_bf16,
