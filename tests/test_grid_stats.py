@@ -288,6 +288,7 @@ def test_other_ground_truth_and_unknown_rows(tmp_path, gt):
     (lambda r: r.update(image_id=10**9), ["result 3", "image_id 1000000000", f"({N_IMG} images)", "another test split"]),
     (lambda r: r.update(image_id=1.5), ["result 3", "image_id 1.5"]),
     (lambda r: r.update(category_id=7), ["result 3", "category_id 7", f"[{BABYPOSE12.category_id}]"]),
+    (lambda r: r.update(category_id=[BABYPOSE12.category_id]), ["result 3", f"category_id [{BABYPOSE12.category_id}]"]),
     (lambda r: r.update(keypoints=r["keypoints"][:-3]), ["result 3", f"{3 * J} finite numbers", f"got {3 * J - 3} values"]),
     (lambda r: r["keypoints"].__setitem__(4, float("nan")), ["result 3", "NaN/inf"]),
     (lambda r: r["keypoints"].__setitem__(4, "7"), ["result 3", "non-numbers"]),
