@@ -71,6 +71,8 @@ def one_line(err: str) -> str:
     (["-50", "0", "40", "10"], "lies outside the frame"),
     (["0", "0", "1e-9", "1e-9"], "at least 1 px"),
     (["0", "0", "10", "0"], "at least 1 px"),
+    (["0", "0", "1e30", "10"], "of it lies on the frame"),      # overlaps, but crops almost only padding
+    (["-100", "0", "120", "120"], "16.7% of it lies on the frame"),
 ])
 def test_box_must_be_a_person_box_on_the_frame(tmp_path, ckpt, capsys, box, problem):
     frame, out = depth_frame(tmp_path, 16), tmp_path / "cam.png"
@@ -155,12 +157,38 @@ def test_folders_are_named_folders(tmp_path, ckpt, capsys):
 
 
 def test_unwritable_out_is_one_line(tmp_path, ckpt, capsys, monkeypatch):
-    import okdpose.viz
+    import okdpose.files
 
-    def full(path, image):
+    def full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(okdpose.viz, "write_png", full)
+    monkeypatch.setattr(okdpose.files.Path, "write_bytes", full)
     out = tmp_path / "cam.png"
     assert main([str(depth_frame(tmp_path, 16)), "--model", str(ckpt), "--out", str(out)]) == 2
     assert f"--out {out}: cannot be written (No space left on device)" in one_line(capsys.readouterr().err)
+    assert not out.exists() and not list(tmp_path.glob(".cam.png*"))      # no temporary left beside it
+
+
+def test_a_box_half_on_the_frame_is_a_person_at_the_edge(tmp_path, ckpt):
+    frame, out = depth_frame(tmp_path, 16), tmp_path / "cam.png"
+    assert main([str(frame), "--model", str(ckpt), "--box", "-40", "0", "80", "120", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("name, magic", [("cam.jpg", b"\xff\xd8\xff"), ("cam.JPEG", b"\xff\xd8\xff"),
+                                         ("cam.png", b"\x89PNG"), ("cam.webp", b"RIFF")])
+def test_the_picture_is_in_the_format_its_suffix_names(tmp_path, ckpt, name, magic):
+    frame, out = depth_frame(tmp_path, 16), tmp_path / name
+    assert main([str(frame), "--model", str(ckpt), "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(magic)
+    assert cv2.imread(str(out)).ndim == 3
+
+
+@pytest.mark.parametrize("name, problem", [("cam", "has no picture suffix"), ("cam.txt", "'.txt' is not a picture type"),
+                                           ("cam.pt", "'.pt' is not a picture type")])
+def test_an_out_that_is_no_picture_type_is_refused_before_any_work(tmp_path, ckpt, capsys, name, problem):
+    frame, out = depth_frame(tmp_path, 16), tmp_path / name
+    assert main([str(frame), "--model", str(ckpt), "--out", str(out)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert problem in err and ".png, .jpg" in err and f"--out {out.with_suffix('.png')}" in err
+    assert not out.exists()

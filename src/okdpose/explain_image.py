@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from okdpose.data.coco import DataError, read_frame
+from okdpose.files import atomic_path
 from okdpose.params import CAM_METHODS, ParamsError, Params, params_for_checkpoint, params_from_dict
 
 EXPORTED = (".onnx", ".ts", ".torchscript")
@@ -42,7 +43,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--box", nargs=4, type=float, default=None, metavar=("X", "Y", "W", "H"),
                     help="person box in frame px (default: the whole frame)")
     ap.add_argument("--sign", choices=("oriented", "stock"), default="oriented", help="EigenCAM sign (default oriented)")
-    ap.add_argument("--out", type=Path, default=None, help="picture file (default: <image>_cam.png beside the image)")
+    ap.add_argument("--out", type=Path, default=None, help="picture file, in the format its suffix names: .png, .jpg, ... "
+                    "(default: <image>_cam.png beside the image)")
     return ap
 
 
@@ -167,7 +169,7 @@ def explain_frame(model, p: Params, frame: np.ndarray, box: Optional[Sequence[fl
 
 def _check_box(box: Sequence[float], w: int, h: int) -> None:
     """ValueError naming --box and the frame size unless `box` (x y w h frame px) is four finite
-    numbers, at least 1 px wide and high, and overlaps the w x h frame."""
+    numbers, at least 1 px wide and high, and at least half on the w x h frame."""
     given, frame = "--box " + " ".join(f"{v:g}" for v in box), f"the frame is {w}x{h} px"
     if not all(math.isfinite(v) for v in box):
         raise ValueError(f"{given}: not four finite numbers; give X Y W H in frame px ({frame})")
@@ -178,6 +180,11 @@ def _check_box(box: Sequence[float], w: int, h: int) -> None:
     if x >= w or y >= h or x + bw <= 0 or y + bh <= 0:
         raise ValueError(f"{given}: lies outside the frame ({frame}); give a box that overlaps it, or leave "
                          "--box out for the whole frame")
+    # A box mostly off the frame crops mostly padding: the model then "finds" a pose in nothing.
+    on = (min(x + bw, w) - max(x, 0.0)) * (min(y + bh, h) - max(y, 0.0)) / (bw * bh)
+    if on < 0.5:
+        raise ValueError(f"{given}: only {on:.1%} of it lies on the frame ({frame}); a person box must lie "
+                         "mostly (at least half) on the frame")
 
 
 def _check_finite(a: np.ndarray, what: str) -> None:
@@ -201,11 +208,29 @@ def _check_paths(image: Path, model: Path, params: Path, out: Path) -> None:
     for name, src in (("input frame", image), ("model file", model), ("params file", params)):
         if src.exists() and (out.exists() and os.path.samefile(out, src) or out.resolve() == src.resolve()):
             raise ValueError(f"--out {out}: is the {name}; the picture would overwrite it; choose another --out")
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        what = f"{out.suffix!r} is not a picture type" if out.suffix else "has no picture suffix"
+        raise ValueError(f"--out {out}: {what}; end it in one of {', '.join(PICTURE_SUFFIXES)}, "
+                         f"e.g. --out {out.with_suffix('.png')}")
     parent = next(d for d in (out.absolute().parent, *out.absolute().parents) if d.exists())
     if not parent.is_dir():
         raise ValueError(f"--out {out}: {parent} is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: folder {parent} is not writable; choose another --out")
+
+
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")   # what OpenCV encodes by name
+
+
+def write_picture(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 BGR picture in the format its suffix names (PNG, JPEG, ...), atomically."""
+    import cv2
+
+    with atomic_path(path) as tmp:
+        ok, buf = cv2.imencode(path.suffix.lower(), image)
+        if not ok:
+            raise OSError(f"OpenCV could not encode a {path.suffix} picture")
+        tmp.write_bytes(buf.tobytes())
 
 
 def _resize(image: np.ndarray, k: float) -> np.ndarray:
@@ -224,8 +249,6 @@ def _joint_index(names: Sequence[str], joint: str) -> int:
 def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose explain") -> int:
     args = build_parser(prog).parse_args(argv)
     from okdpose.model import CheckpointError
-    from okdpose.viz import write_png
-
     out = args.out or args.image.with_name(f"{args.image.stem}_cam.png")
     try:
         _check_paths(args.image, args.model, args.params, out)
@@ -242,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "okdpose explain") ->
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     try:
-        write_png(out, picture)
+        write_picture(out, picture)
     except OSError as e:
         print(f"{prog}: --out {out}: cannot be written ({e.strerror or e}); choose another --out", file=sys.stderr)
         return 2
