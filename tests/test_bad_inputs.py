@@ -46,7 +46,7 @@ import torch
 import yaml
 
 from okdpose.codec import HeatmapCodec
-from okdpose.data.coco import DataError, load_records, prepare_dataset
+from okdpose.data.coco import DataError, load_records, prepare_dataset, to_uint8
 from okdpose.data.dataset import PoseDataset
 from okdpose.data.fetch import ChecksumError, FetchError, UnsafeArchiveError, fetch_raw
 from okdpose.data.layout import LayoutError, annotation_file, detection_file, image_file
@@ -126,6 +126,11 @@ def _image(raw: Path, split: str, fn) -> tuple[Path, int]:
     return path, iid
 
 
+def _gray8(path: Path) -> np.ndarray:
+    """The frame at `path` (16-bit depth) as the 8-bit grey picture a viewer would save."""
+    return to_uint8(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), DEPTH_RANGE)[..., 0]
+
+
 def _ann(coco: dict, **changes) -> int:
     ann = coco["annotations"][1]
     ann.update(changes)
@@ -185,6 +190,11 @@ DATA_CASES = {
                         ["cannot be decoded", "truncated"], "skip"),
     "image_file_cropped": ("test", lambda r, s: _image(r, s, lambda p: cv2.imwrite(str(p), cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[:240])),
                            ["width/height", "file is 640x240, annotation says 640x480", "person_keypoints_test.json"], "skip"),
+    "gray8_among_depth": ("test", lambda r, s: _image(r, s, lambda p: cv2.imwrite(str(p), _gray8(p))),
+                          ["format", "an 8-bit frame among 16-bit depth ones", "is 16-bit depth", "convert this frame"],
+                          "skip"),
+    "rgb8_among_depth": ("train", lambda r, s: _image(r, s, lambda p: cv2.imwrite(str(p), cv2.merge([_gray8(p)] * 3))),
+                         ["format", "an 8-bit frame among 16-bit depth ones"], "skip"),
     "image_size_vs_annotation": ("val", lambda r, s: _edit(r, s, _declared_size),
                                  ["width/height", "file is 640x480, annotation says 1280x960"], "skip"),
     "wrong_joint_count": ("train", lambda r, s: _edit(r, s, lambda c: _ann(c, keypoints=c["annotations"][1]["keypoints"][:33])),
@@ -254,6 +264,25 @@ def test_bad_raw_data(case, tiny_raw, tmp_path):
     else:                                                          # a bad detection goes alone
         assert s["skipped"]["invalid_images"] == 0 and s["records_gt"] == 3 and 999 not in det.image_id
     assert report["total"]["skipped_invalid"] == 1
+
+
+def test_a_stray_first_frame_is_the_one_named_not_the_split(tiny_raw, tmp_path):
+    """An 8-bit picture that sorts first does not make every depth frame after it the stray one."""
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_raw, raw)
+    first = min(i["id"] for i in _coco(raw, "val")[1]["images"])
+    path = image_file(raw, "val", first)
+    cv2.imwrite(str(path), _gray8(path))
+    with pytest.raises(DataError) as err:
+        _prepare(raw, tmp_path / "prepared")
+    msg = str(err.value)
+    assert "1 invalid record(s) in split 'val'" in msg and str(path) in msg, msg
+    assert "an 8-bit frame among 16-bit depth ones (most frames of this split are 16-bit depth)" in msg, msg
+    report = _prepare(raw, tmp_path / "prepared", skip_invalid=True)
+    val = report["splits"]["val"]
+    assert val["skipped"]["invalid_images"] == 1 and val["records_gt"] == 2
+    assert json.loads((tmp_path / "prepared" / "meta.json").read_text())["splits"]["val"]["channels"] == 1
+    assert first not in load_records(tmp_path / "prepared", "val", "gt").image_id
 
 
 def test_other_joint_names_are_warned_about_and_recorded_the_order_kept(tiny_raw, tmp_path, caplog):

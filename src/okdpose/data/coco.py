@@ -406,47 +406,17 @@ def _prepare_split(raw_root: Path, out: Path, split: str, scan: SplitScan, spec:
     gt_rows = _rows_by_image(gt)
     det_rows = _rows_by_image(det)
 
-    # decode each frame once: check it, then crop every record of it
-    channels = None
-    gt_crops = det_crops = None
-    frame_sizes = set()
-    for iid in tqdm(ids, desc=f"preprocess {split}", unit="frame", disable=not progress):
-        if iid in scan.bad_images or (iid not in gt_rows and iid not in det_rows):
-            continue
-        path = image_file(raw_root, split, iid)
-        im = scan.images[iid]
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if raw is None:
-            scan.issues.append(Issue(str(path), iid, "file", unreadable_image(path)))
-            scan.bad_images.add(iid)
-            continue
-        if raw.shape[:2] != (im["height"], im["width"]):
-            scan.issues.append(Issue(str(path), iid, "width/height",
-                                     f"file is {raw.shape[1]}x{raw.shape[0]}, annotation says {im['width']}x{im['height']} "
-                                     f"(in {annotation_file(raw_root, split)}); fix the JSON or replace the frame"))
-            scan.bad_images.add(iid)
-            continue
-        try:
-            frame = to_uint8(raw, depth_range)
-        except DataError as e:
-            scan.issues.append(Issue(str(path), iid, "format", str(e)))
-            scan.bad_images.add(iid)
-            continue
-        if channels is None:
-            channels = frame.shape[2]
-            gt_crops = np.zeros((len(gt), ih, iw, channels), np.uint8)
-            det_crops = np.zeros((len(det), ih, iw, channels), np.uint8)
-        if frame.shape[2] != channels:
-            if channels == 3:
-                frame = np.repeat(frame, 3, axis=2)
-            else:
-                scan.issues.append(Issue(str(path), iid, "channels", "a 3-channel frame among single-channel ones"))
-                scan.bad_images.add(iid)
-                continue
-        frame_sizes.add((im["width"], im["height"]))
-        for recs, crops, rows in ((gt, gt_crops, gt_rows), (det, det_crops, det_rows)):
-            for i in rows.get(iid, ()):
-                crops[i] = crop_image(frame, recs.center[i], recs.scale[i], (iw, ih)).reshape(ih, iw, channels)
+    # decode each frame once: check it, then crop every record of it. The kind of frame the split
+    # holds is the first one's, unless most frames turn out to be of the other kind (the stray file
+    # came first): then, and only then, the split is decoded a second time with that kind expected
+    issues, bad = list(scan.issues), set(scan.bad_images)
+    channels, gt_crops, det_crops, frame_sizes, kinds = _crop_frames(
+        raw_root, split, ids, scan, gt, det, gt_rows, det_rows, (iw, ih), depth_range, None, progress)
+    (most, n_most), *others = kinds.most_common() or [(None, 0)]
+    if others and n_most > others[0][1] and most != next(iter(kinds)):
+        scan.issues, scan.bad_images = issues, bad
+        channels, gt_crops, det_crops, frame_sizes, _ = _crop_frames(
+            raw_root, split, ids, scan, gt, det, gt_rows, det_rows, (iw, ih), depth_range, most, progress)
 
     for iid in scan.bad_images:          # drop bad frames' annotations everywhere
         gt_rows.pop(iid, None)
@@ -471,6 +441,72 @@ def _prepare_split(raw_root: Path, out: Path, split: str, scan: SplitScan, spec:
     info["channels"] = int(channels)
     info["frame_size"] = list(frame_sizes.pop()) if len(frame_sizes) == 1 else None
     return info
+
+
+def _crop_frames(raw_root: Path, split: str, ids: list[int], scan: SplitScan, gt: Records, det: Records,
+                 gt_rows: dict, det_rows: dict, crop_size: tuple[int, int], depth_range: Sequence[float],
+                 expected: str | None, progress: bool):
+    """Decode, check and crop every frame of a split; frames that fail a check join `scan`.
+
+    Returns (channels, gt_crops (N, h, w, C) uint8, det_crops, frame sizes, Counter of frame kinds in
+    decoding order). `expected` is the kind of frame the split holds; None: the first decoded one's.
+    """
+    iw, ih = crop_size
+    channels = gt_crops = det_crops = None
+    frame_sizes, kinds, why = set(), Counter(), None
+    for iid in tqdm(ids, desc=f"preprocess {split}", unit="frame", disable=not progress):
+        if iid in scan.bad_images or (iid not in gt_rows and iid not in det_rows):
+            continue
+        path = image_file(raw_root, split, iid)
+        im = scan.images[iid]
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            scan.issues.append(Issue(str(path), iid, "file", unreadable_image(path)))
+            scan.bad_images.add(iid)
+            continue
+        if raw.shape[:2] != (im["height"], im["width"]):
+            scan.issues.append(Issue(str(path), iid, "width/height",
+                                     f"file is {raw.shape[1]}x{raw.shape[0]}, annotation says {im['width']}x{im['height']} "
+                                     f"(in {annotation_file(raw_root, split)}); fix the JSON or replace the frame"))
+            scan.bad_images.add(iid)
+            continue
+        try:
+            frame = to_uint8(raw, depth_range)
+        except DataError as e:
+            scan.issues.append(Issue(str(path), iid, "format", str(e)))
+            scan.bad_images.add(iid)
+            continue
+        # 8-bit frames are taken as already mapped to grey levels and 16-bit ones as depth in mm: one
+        # of the other kind in a split is a stray file (a visualisation, an RGB still), not a frame
+        kind = "16-bit depth" if raw.dtype == np.uint16 else "8-bit"
+        kinds[kind] += 1
+        if expected is None:
+            expected, why = kind, f"the first frame, {path}, is {kind}"
+        elif why is None:
+            why = f"most frames of this split are {expected}"
+        if kind != expected:
+            scan.issues.append(Issue(str(path), iid, "format",
+                                     f"{'a' if kind.startswith('16') else 'an'} {kind} frame among {expected} ones "
+                                     f"({why}); one split holds one kind of frame: convert this frame "
+                                     "or remove it and its annotations"))
+            scan.bad_images.add(iid)
+            continue
+        if channels is None:
+            channels = frame.shape[2]
+            gt_crops = np.zeros((len(gt), ih, iw, channels), np.uint8)
+            det_crops = np.zeros((len(det), ih, iw, channels), np.uint8)
+        if frame.shape[2] != channels:
+            if channels == 3:
+                frame = np.repeat(frame, 3, axis=2)
+            else:
+                scan.issues.append(Issue(str(path), iid, "channels", "a 3-channel frame among single-channel ones"))
+                scan.bad_images.add(iid)
+                continue
+        frame_sizes.add((im["width"], im["height"]))
+        for recs, crops, rows in ((gt, gt_crops, gt_rows), (det, det_crops, det_rows)):
+            for i in rows.get(iid, ()):
+                crops[i] = crop_image(frame, recs.center[i], recs.scale[i], (iw, ih)).reshape(ih, iw, channels)
+    return channels, gt_crops, det_crops, frame_sizes, kinds
 
 
 def _records_from(items: list[dict], ids: list[int], split: str, J: int, aspect: float, det: bool) -> Records:
